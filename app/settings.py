@@ -26,7 +26,7 @@ class Settings(BaseSettings):
         default=Path.home() / ".cache" / "private-llm" / "models",
         description="where converted GGUF models are cached",
     )
-    engine: Literal["transformers", "vllm", "auto"] = Field(default="transformers", description="engine backend")
+    engine: Literal["transformers"] = Field(default="transformers", description="engine backend")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 

@@ -1,0 +1,103 @@
+"""A real server process on 127.0.0.1 with the real embedded model, started once per test session."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+MODEL = "smollm2-135m-instruct"
+READY_TIMEOUT_S = 300  # first run converts the embedded GGUF model (~30 s on 2 cores)
+
+
+@dataclass
+class Server:
+    url: str
+    key: str
+    keys_db: Path
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def client(self, **kwargs: object) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.key, max_retries=0, **kwargs)  # type: ignore[arg-type]
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"{self.url}/metrics").text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "app", *args], capture_output=True, text=True, check=False)
+
+
+def start_server(tmp: Path, *extra: str) -> Server:
+    keys_db = tmp / "keys.db"
+    created = run_cli("keys", "create", "--name", "tests", "--keys-db", str(keys_db))
+    assert created.returncode == 0, created.stderr
+    port = free_port()
+    log = tmp / f"server-{port}.log"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port), "--keys-db", str(keys_db),
+         *extra],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
+    server = Server(url=f"http://127.0.0.1:{port}", key=created.stdout.strip(), keys_db=keys_db, process=process,
+                    log=log)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{server.url}/ready", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    stop_server(server)
+    raise RuntimeError(f"server not ready within {READY_TIMEOUT_S} s:\n{log.read_text()}")
+
+
+def stop_server(server: Server) -> None:
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            server.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    running = start_server(tmp_path_factory.mktemp("main"), "--max-batch-size", "16", "--max-queued-requests", "64",
+                           "--max-body-bytes", "1048576")
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(scope="session")
+def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One running slot and one waiting place: the third concurrent request must be refused."""
+    running = start_server(tmp_path_factory.mktemp("small"), "--max-batch-size", "1", "--max-queued-requests", "1",
+                           "--retry-after-s", "3")
+    yield running
+    stop_server(running)

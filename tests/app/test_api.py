@@ -1,0 +1,265 @@
+"""The OpenAI API through the official client (and raw HTTP where the client hides the wire format)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+
+from tests.app.conftest import MODEL, Server
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_chat_answers_the_embedded_model_question(server: Server) -> None:
+    reply = server.client().chat.completions.create(model=MODEL, messages=QUESTION, temperature=0)
+    assert reply.id.startswith("chatcmpl-")
+    assert reply.model == MODEL
+    assert "Paris" in (reply.choices[0].message.content or "")
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_content_as_text_parts_equals_plain_string(server: Server) -> None:
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital of "},
+                                          {"type": "text", "text": "France?"}]}]
+    client = server.client()
+    as_parts = client.chat.completions.create(model=MODEL, messages=parts, temperature=0, max_tokens=16)  # type: ignore[arg-type]
+    as_text = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=16)  # type: ignore[arg-type]
+    assert as_parts.choices[0].message.content == as_text.choices[0].message.content
+    assert "Paris" in (as_parts.choices[0].message.content or "")
+
+
+def test_text_completion(server: Server) -> None:
+    reply = server.client().completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8,
+                                               temperature=0)
+    assert reply.id.startswith("cmpl-")
+    assert reply.choices[0].text
+    assert reply.choices[0].finish_reason in {"stop", "length"}
+
+
+def test_models_lists_the_served_model(server: Server) -> None:
+    assert [m.id for m in server.client().models.list()] == [MODEL]
+
+
+def test_streaming_with_usage(server: Server) -> None:
+    stream = server.client().chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, stream=True,
+                                                     stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in text
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert [c.choices[0].finish_reason for c in finals] == ["stop"]
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens > 0
+
+
+def test_stream_wire_format_ends_with_done(server: Server) -> None:
+    body = {"model": MODEL, "messages": QUESTION, "stream": True, "max_tokens": 4}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {server.key}"}, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
+def test_stop_string_ends_the_answer(server: Server) -> None:
+    reply = server.client().chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, stop=[" Paris"])
+    text = reply.choices[0].message.content or ""
+    assert "Paris" not in text
+    assert text.startswith("The capital of France is")
+    assert reply.choices[0].finish_reason == "stop"
+
+
+def test_max_tokens_gives_finish_reason_length(server: Server) -> None:
+    reply = server.client().chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3, temperature=0)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens == 3
+    newer = server.client().chat.completions.create(model=MODEL, messages=QUESTION, max_completion_tokens=2)
+    assert newer.usage is not None
+    assert newer.usage.completion_tokens == 2
+
+
+def test_seeded_sampling_is_reproducible(server: Server) -> None:
+    client = server.client()
+    messages = [{"role": "user", "content": "Write a short poem about the sea."}]
+
+    def sample(seed: int) -> str:
+        reply = client.chat.completions.create(model=MODEL, messages=messages, temperature=1.0, seed=seed,  # type: ignore[arg-type]
+                                               max_tokens=24)
+        return reply.choices[0].message.content or ""
+
+    first = sample(1234)
+    assert sample(1234) == first
+    assert sample(99) != first
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": QUESTION}, "model"),
+        ({"model": MODEL}, "messages"),
+        ({"model": MODEL, "messages": "hello"}, "messages"),
+        ({"model": MODEL, "messages": []}, "messages"),
+        ({"model": MODEL, "messages": [{"role": "user"}]}, "messages[0].content"),
+        ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"model": MODEL, "messages": QUESTION, "temperature": 3}, "temperature"),
+        ({"model": MODEL, "messages": QUESTION, "temperature": "hot"}, "temperature"),
+        ({"model": MODEL, "messages": QUESTION, "top_p": 0}, "top_p"),
+        ({"model": MODEL, "messages": QUESTION, "max_tokens": 0}, "max_tokens"),
+        ({"model": MODEL, "messages": QUESTION, "max_tokens": 100000}, "max_tokens"),
+        ({"model": MODEL, "messages": QUESTION, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": MODEL, "messages": QUESTION, "n": 2}, "n"),
+        ({"model": MODEL, "messages": QUESTION, "tools": [{"type": "function"}]}, "tools"),
+        ({"model": MODEL, "messages": QUESTION, "logprobs": True}, "logprobs"),
+        ({"model": MODEL, "messages": QUESTION, "response_format": {"type": "json_object"}}, "response_format"),
+        ({"model": MODEL, "messages": QUESTION, "frequency_penalty": 1.0}, "frequency_penalty"),
+        ({"model": MODEL, "messages": QUESTION, "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"model": MODEL, "messages": QUESTION, "bogus": 1}, "bogus"),
+    ],
+)
+def test_bad_requests_get_openai_shaped_400(server: Server, body: dict[str, object], param: str) -> None:
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body,
+                          headers={"Authorization": f"Bearer {server.key}"}, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert error["message"]
+
+
+@pytest.mark.parametrize("payload", [b"{not json", b"[1, 2]", b"", b"null", "{\"model\": \"\u00e9\"".encode()])
+def test_malformed_bodies_get_400(server: Server, payload: bytes) -> None:
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=payload,
+                          headers={"Authorization": f"Bearer {server.key}", "Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_prompt_over_the_context_length_is_refused_with_counts(server: Server) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        server.client().completions.create(model=MODEL, prompt="hello " * 9000, max_tokens=5)
+    message = caught.value.body["message"]  # type: ignore[index]
+    assert "8192" in message
+    assert "9001" in message or "9000" in message
+    assert caught.value.body["code"] == "context_length_exceeded"  # type: ignore[index]
+
+
+def test_unknown_model_is_404(server: Server) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        server.client().chat.completions.create(model="gpt-9", messages=QUESTION)  # type: ignore[arg-type]
+    assert caught.value.body["code"] == "model_not_found"  # type: ignore[index]
+
+
+def test_missing_and_unknown_keys_are_401(server: Server) -> None:
+    missing = httpx.post(f"{server.url}/v1/chat/completions", json={"model": MODEL, "messages": QUESTION})
+    assert missing.status_code == 401
+    assert missing.json()["error"]["type"] == "authentication_error"
+    forged = server.key[:-4] + "AAAA"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key=forged, max_retries=0).models.list()
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-not-ours", max_retries=0).models.list()
+
+
+def test_body_over_the_limit_is_413(server: Server) -> None:
+    big = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 2_000_000}]}
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=big,
+                          headers={"Authorization": f"Bearer {server.key}"})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "body_too_large"
+
+
+def test_health_and_ready_need_no_key(server: Server) -> None:
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/ready").status_code == 200
+    assert httpx.get(f"{server.url}/nope").status_code == 404
+
+
+def test_metrics_exposes_vllm_equivalent_series(server: Server) -> None:
+    server.client().chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4)  # type: ignore[arg-type]
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("private_llm_time_to_first_token_seconds_bucket", "private_llm_inter_token_latency_seconds_bucket",
+                 "private_llm_e2e_request_latency_seconds_bucket", "private_llm_request_queue_time_seconds_bucket",
+                 "private_llm_num_requests_running", "private_llm_num_requests_waiting",
+                 "private_llm_prompt_tokens_total", "private_llm_generation_tokens_total",
+                 'private_llm_request_success_total{finished_reason="length"}',
+                 'private_llm_http_responses_total{route="/v1/chat/completions",status="200"}'):
+        assert name in text, name
+
+
+def test_sixteen_concurrent_streams_are_batched(server: Server) -> None:
+    steps_before = server.metric("private_llm_batch_size_count")
+    seqs_before = server.metric("private_llm_batch_size_sum")
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=server.key, max_retries=0)
+
+    async def one(i: int) -> tuple[str, str | None]:
+        stream = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": f"Count from {i} to {i + 20}."}],
+            max_tokens=32, temperature=0, stream=True)
+        parts, finish = [], None
+        async for chunk in stream:
+            if chunk.choices:
+                parts.append(chunk.choices[0].delta.content or "")
+                finish = chunk.choices[0].finish_reason or finish
+        return "".join(parts), finish
+
+    async def all_of_them() -> list[tuple[str, str | None]]:
+        return await asyncio.gather(*(one(i) for i in range(16)))
+
+    results = asyncio.run(asyncio.wait_for(all_of_them(), timeout=240))
+    assert len(results) == 16
+    assert all(text and finish in {"stop", "length"} for text, finish in results)
+    steps = server.metric("private_llm_batch_size_count") - steps_before
+    sequences = server.metric("private_llm_batch_size_sum") - seqs_before
+    mean_batch = sequences / steps
+    assert mean_batch > 4, f"mean decode batch was {mean_batch:.2f}: requests were not batched"
+
+
+def test_client_disconnect_frees_its_slot(server: Server) -> None:
+    # Counting never reaches an end-of-sequence token within 2000 tokens.
+    body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 2000, "stream": True}
+    finished_before = server.metric("private_llm_request_success_total")
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {server.key}"}, timeout=60) as response:
+        received = 0
+        for line in response.iter_lines():
+            received += bool(line)
+            if received >= 3:
+                break
+        assert server.metric("private_llm_num_requests_running") == 1
+    # Left the with-block: connection closed mid-stream.
+    for _ in range(100):
+        if server.metric("private_llm_num_requests_running") == 0:
+            break
+        asyncio.run(asyncio.sleep(0.05))
+    assert server.metric("private_llm_num_requests_running") == 0
+    assert server.metric("private_llm_request_success_total") == finished_before, "the request ran to its end"
+
+
+def test_queue_overflow_is_429_with_retry_after(small_server: Server) -> None:
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 60}
+    headers = {"Authorization": f"Bearer {small_server.key}"}
+
+    async def fire() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=small_server.url, timeout=120) as client:
+            return list(await asyncio.gather(*(client.post("/v1/chat/completions", json=body, headers=headers)
+                                               for _ in range(4))))
+
+    responses = asyncio.run(fire())
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses.count(200) >= 2
+    refused = [r for r in responses if r.status_code == 429]
+    assert refused, statuses
+    assert refused[0].headers["Retry-After"] == "3"
+    assert refused[0].json()["error"]["code"] == "queue_full"

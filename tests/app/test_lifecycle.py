@@ -1,0 +1,95 @@
+"""Process-level behaviour: key management CLI, refusing to start without keys, draining on SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.app.conftest import MODEL, free_port, run_cli, start_server
+
+
+def test_keys_cli_create_list_revoke(tmp_path: Path) -> None:
+    db = tmp_path / "keys.db"
+    created = run_cli("keys", "create", "--name", "alice", "--keys-db", str(db))
+    assert created.returncode == 0
+    key = created.stdout.strip()
+    assert created.stdout == key + "\n", "create must print the key alone"
+    assert key.startswith("sk-pli-")
+    assert key.encode() not in db.read_bytes(), "the plain key must never be stored"
+    assert oct(db.stat().st_mode & 0o777) == "0o600"
+    listing = run_cli("keys", "list", "--keys-db", str(db)).stdout
+    assert "alice" in listing
+    assert "active" in listing
+    assert key not in listing
+    assert run_cli("keys", "revoke", "alice", "--keys-db", str(db)).returncode == 0
+    assert "revoked" in run_cli("keys", "list", "--keys-db", str(db)).stdout
+    assert run_cli("keys", "revoke", "nobody", "--keys-db", str(db)).returncode == 1
+
+
+def test_server_refuses_to_start_without_any_key(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "app", "serve", "--port", str(free_port()), "--keys-db", str(tmp_path / "none.db")],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2
+    assert "--insecure-no-auth" in result.stderr
+
+
+def test_bad_setting_is_a_clear_error(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "app", "serve", "--model-path", str(tmp_path / "missing")],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_revoked_key_is_refused_at_once(tmp_path: Path) -> None:
+    server = start_server(tmp_path)
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.key, max_retries=0)
+        assert client.models.list().data
+        assert run_cli("keys", "revoke", "tests", "--keys-db", str(server.keys_db)).returncode == 0
+        with pytest.raises(openai.AuthenticationError):
+            client.models.list()
+    finally:
+        server.process.kill()
+        server.process.wait()
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path: Path) -> None:
+    server = start_server(tmp_path, "--drain-timeout-s", "60")
+    headers = {"Authorization": f"Bearer {server.key}"}
+    body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 60, "stream": True}
+    lines: list[str] = []
+    first_chunk = threading.Event()
+
+    def consume() -> None:
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers, timeout=120) as resp:
+            for line in resp.iter_lines():
+                if line:
+                    lines.append(line)
+                    first_chunk.set()
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    assert first_chunk.wait(60)
+    server.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    try:
+        assert httpx.get(f"{server.url}/ready").status_code == 503
+        refused = httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False}, headers=headers)
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "draining"
+        assert httpx.get(f"{server.url}/health").status_code == 200
+    finally:
+        reader.join(120)
+        assert server.process.wait(timeout=60) == 0
+    assert lines[-1] == "data: [DONE]", "the in-flight stream was cut off"
+    assert '"finish_reason":"length"' in lines[-2]
