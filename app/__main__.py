@@ -23,8 +23,9 @@ def _add_settings_options(parser: argparse.ArgumentParser) -> None:
         choices = None
         if typing.get_origin(field.annotation) is typing.Literal:
             choices = list(typing.get_args(field.annotation))
-        parser.add_argument(flag, dest=name, default=None, choices=choices, help=help_text,
-                            metavar=None if choices else name.upper())
+        parser.add_argument(
+            flag, dest=name, default=None, choices=choices, help=help_text, metavar=None if choices else name.upper()
+        )
     parser.add_argument("--model", dest="model_path", default=None, help="alias of --model-path")
     parser.add_argument("--config", dest="config_file", default=None, help="alias of --config-file")
 
@@ -44,17 +45,25 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m app", description="private-llm inference service")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    serve = commands.add_parser("serve", help="run the OpenAI-compatible server",
-                                description="Settings come from flags, PLI_* environment variables and "
-                                            "--config-file, in that order of precedence.")
+    serve = commands.add_parser(
+        "serve",
+        help="run the OpenAI-compatible server",
+        description="Settings come from flags, PLI_* environment variables and "
+        "--config-file, in that order of precedence.",
+    )
     _add_settings_options(serve)
 
     keys = commands.add_parser("keys", help="manage API keys")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
     for sub in ("create", "list", "revoke"):
-        p = keys_commands.add_parser(sub, help={"create": "create a key and print it (shown once)",
-                                                "list": "list keys (never the keys themselves)",
-                                                "revoke": "revoke a key by id or name"}[sub])
+        p = keys_commands.add_parser(
+            sub,
+            help={
+                "create": "create a key and print it (shown once)",
+                "list": "list keys (never the keys themselves)",
+                "revoke": "revoke a key by id or name",
+            }[sub],
+        )
         p.add_argument("--keys-db", type=Path, default=None, help="SQLite key database (env PLI_KEYS_DB)")
         if sub == "create":
             p.add_argument("--name", required=True, help="who or what the key is for")

@@ -45,7 +45,7 @@ def hash_key(key: str) -> str:
 def _split(key: str) -> tuple[str, str] | None:
     if not key.startswith(KEY_PREFIX):
         return None
-    key_id, _, secret = key[len(KEY_PREFIX):].partition("_")
+    key_id, _, secret = key[len(KEY_PREFIX) :].partition("_")
     if not key_id or not secret:
         return None
     return key_id, secret
@@ -72,26 +72,32 @@ class KeyStore:
         key_id = secrets.token_hex(6)
         key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
         with self._connect() as db:
-            db.execute("INSERT INTO api_keys VALUES (?, ?, ?, ?, NULL)", (key_id, name, hash_key(key), int(time.time())))
+            db.execute(
+                "INSERT INTO api_keys VALUES (?, ?, ?, ?, NULL)", (key_id, name, hash_key(key), int(time.time()))
+            )
         return key
 
     def import_hash(self, name: str, key_id: str, key_hash: str) -> bool:
         """Load a key known only by its hash (deployment from a vault). Returns True when it was new."""
         with self._connect() as db:
-            cursor = db.execute("INSERT OR IGNORE INTO api_keys VALUES (?, ?, ?, ?, NULL)",
-                                (key_id, name, key_hash, int(time.time())))
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO api_keys VALUES (?, ?, ?, ?, NULL)", (key_id, name, key_hash, int(time.time()))
+            )
             return cursor.rowcount == 1
 
     def list(self) -> list[KeyRecord]:
         with self._connect() as db:
-            rows = db.execute("SELECT key_id, name, created_at, revoked_at FROM api_keys ORDER BY created_at").fetchall()
+            rows = db.execute(
+                "SELECT key_id, name, created_at, revoked_at FROM api_keys ORDER BY created_at"
+            ).fetchall()
         return [KeyRecord(*row) for row in rows]
 
     def revoke(self, key_id_or_name: str) -> int:
         with self._connect() as db:
             cursor = db.execute(
                 "UPDATE api_keys SET revoked_at = ? WHERE (key_id = ? OR name = ?) AND revoked_at IS NULL",
-                (int(time.time()), key_id_or_name, key_id_or_name))
+                (int(time.time()), key_id_or_name, key_id_or_name),
+            )
             return cursor.rowcount
 
     def active_count(self) -> int:
@@ -106,8 +112,8 @@ class KeyStore:
             return None
         with self._connect() as db:
             row = db.execute(
-                "SELECT key_id, name, created_at, revoked_at, key_hash FROM api_keys WHERE key_id = ?",
-                (parts[0],)).fetchone()
+                "SELECT key_id, name, created_at, revoked_at, key_hash FROM api_keys WHERE key_id = ?", (parts[0],)
+            ).fetchone()
         if row is None or row[3] is not None:
             return None
         if not hmac.compare_digest(row[4], hash_key(key)):

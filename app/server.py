@@ -26,8 +26,11 @@ from app.settings import Settings
 class _JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
-        entry: dict[str, object] = {"ts": round(record.created, 3), "level": record.levelname.lower(),
-                                    "logger": record.name}
+        entry: dict[str, object] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
         try:
             parsed = json.loads(message)
             entry.update(parsed if isinstance(parsed, dict) else {"message": message})
@@ -55,11 +58,21 @@ def build_engine(services: Services) -> Engine:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    loaded = load_model(settings.model_path, cache_dir=settings.model_cache_dir, device=settings.device,
-                        dtype=settings.dtype, name=settings.served_model_name)
-    return TransformersEngine(loaded, services.metrics, max_batch_size=settings.max_batch_size,
-                              max_queued_requests=settings.max_queued_requests,
-                              context_length=settings.max_model_len, log_prompts=settings.log_prompts)
+    loaded = load_model(
+        settings.model_path,
+        cache_dir=settings.model_cache_dir,
+        device=settings.device,
+        dtype=settings.dtype,
+        name=settings.served_model_name,
+    )
+    return TransformersEngine(
+        loaded,
+        services.metrics,
+        max_batch_size=settings.max_batch_size,
+        max_queued_requests=settings.max_queued_requests,
+        context_length=settings.max_model_len,
+        log_prompts=settings.log_prompts,
+    )
 
 
 class DrainingServer(uvicorn.Server):
@@ -90,15 +103,26 @@ def serve(settings: Settings) -> int:
     if not settings.insecure_no_auth:
         keys = KeyStore(settings.keys_db)
         if keys.active_count() == 0:
-            logging.getLogger("app").error(json.dumps({
-                "event": "refusing_to_start",
-                "message": f"no API key in {settings.keys_db}: create one with "
-                           f"'python -m app keys create --name NAME --keys-db {settings.keys_db}', "
-                           "or start with --insecure-no-auth for local development"}))
+            logging.getLogger("app").error(
+                json.dumps(
+                    {
+                        "event": "refusing_to_start",
+                        "message": f"no API key in {settings.keys_db}: create one with "
+                        f"'python -m app keys create --name NAME --keys-db {settings.keys_db}', "
+                        "or start with --insecure-no-auth for local development",
+                    }
+                )
+            )
             return 2
     services = Services(settings=settings, metrics=Metrics(), keys=keys)
     app = create_app(services, build_engine)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
+    )
     DrainingServer(config, services).run()
     return 0

@@ -63,7 +63,7 @@ class RequestAccounting:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise _BodyTooLarge
+                    raise _BodyTooLargeError
             return message
 
         is_api = path.startswith("/v1/")
@@ -76,15 +76,17 @@ class RequestAccounting:
         try:
             declared = dict(scope["headers"]).get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
-                await reply(APIError(413, f"Request body too large: {int(declared)} bytes, limit {limit}.",
-                                     code="body_too_large"))
+                await reply(
+                    APIError(
+                        413, f"Request body too large: {int(declared)} bytes, limit {limit}.", code="body_too_large"
+                    )
+                )
             elif is_api and services.draining:
-                await reply(APIError(503, "The server is shutting down; retry on another instance.",
-                                     code="draining"))
+                await reply(APIError(503, "The server is shutting down; retry on another instance.", code="draining"))
             else:
                 try:
                     await self.app(scope, receive_limited, send_wrapper)
-                except _BodyTooLarge:
+                except _BodyTooLargeError:
                     await reply(APIError(413, f"Request body too large: limit {limit} bytes.", code="body_too_large"))
         finally:
             if is_api:
@@ -92,11 +94,20 @@ class RequestAccounting:
             route = scope.get("route")
             label = getattr(route, "path", "unmatched")
             services.metrics.http_responses.labels(route=label, status=str(status)).inc()
-            log.info(json.dumps({"event": "request", "method": scope["method"], "route": label, "status": status,
-                                 "duration_ms": round((time.monotonic() - started) * 1000, 1)}))
+            log.info(
+                json.dumps(
+                    {
+                        "event": "request",
+                        "method": scope["method"],
+                        "route": label,
+                        "status": status,
+                        "duration_ms": round((time.monotonic() - started) * 1000, 1),
+                    }
+                )
+            )
 
 
-class _BodyTooLarge(Exception):
+class _BodyTooLargeError(Exception):
     pass
 
 
@@ -109,14 +120,14 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         return APIError(400, "We could not parse the JSON body of your request.", code="invalid_json")
     param = location_to_param(loc)
     if kind == "extra_forbidden":
-        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param,
-                        code="unknown_parameter")
+        return APIError(400, f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
     if kind == "missing":
         return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
     if loc == ("body",):
         return APIError(400, "The request body must be a JSON object.", code="invalid_request")
-    return APIError(400, f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param=param,
-                    code="invalid_value")
+    return APIError(
+        400, f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param=param, code="invalid_value"
+    )
 
 
 def create_app(services: Services, engine_factory: EngineFactory) -> FastAPI:

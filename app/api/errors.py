@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -17,9 +18,19 @@ _TYPES = {
 }
 
 
+_UNION_BRANCH = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-.*|constrained-.*)$")
+
+
 class APIError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -29,13 +40,17 @@ class APIError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
+    return {
+        "error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"), "param": param, "code": code}
+    }
 
 
 def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error_body(error.status, error.message, error.param, error.code), status_code=error.status,
-                        headers=error.headers)
+    return JSONResponse(
+        error_body(error.status, error.message, error.param, error.code),
+        status_code=error.status,
+        headers=error.headers,
+    )
 
 
 def location_to_param(loc: tuple[int | str, ...]) -> str | None:
@@ -45,8 +60,8 @@ def location_to_param(loc: tuple[int | str, ...]) -> str | None:
     for part in parts:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in {"str", "list[ContentPart]", "function-after[_check(), str]"} or "[" in str(part) and "(" in str(part):
-            continue  # pydantic's union-branch labels say nothing to a client
+        elif _UNION_BRANCH.match(part):
+            continue  # pydantic's union-branch labels ("str", "list[TextPart]") say nothing to a client
         else:
             out += f".{part}" if out else str(part)
     return out or None

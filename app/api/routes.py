@@ -60,8 +60,12 @@ async def ready(services: ServicesDep) -> JSONResponse:
     if services.ready():
         return JSONResponse({"status": "ready"})
     state = "draining" if services.draining else ("failed" if services.load_error else "loading")
-    if services.engine is not None and not services.draining and services.load_error is None and \
-            getattr(services.engine, "_failed", None):
+    if (
+        services.engine is not None
+        and not services.draining
+        and services.load_error is None
+        and getattr(services.engine, "_failed", None)
+    ):
         state = "failed"
     return JSONResponse({"status": state}, status_code=503)
 
@@ -83,52 +87,91 @@ def _check_common(body: ChatCompletionRequest | CompletionRequest, engine: Engin
     for name in UNSUPPORTED_PARAMETERS:
         value = getattr(body, name, None)
         if value is not None and value is not False:
-            raise APIError(400, f"The parameter '{name}' is not supported by this server.", param=name,
-                           code="unsupported_parameter")
+            raise APIError(
+                400,
+                f"The parameter '{name}' is not supported by this server.",
+                param=name,
+                code="unsupported_parameter",
+            )
     if body.n not in (None, 1):
         raise APIError(400, "Only n=1 is supported.", param="n", code="unsupported_parameter")
     for penalty in ("presence_penalty", "frequency_penalty"):
         if getattr(body, penalty) not in (None, 0, 0.0):
-            raise APIError(400, f"The parameter '{penalty}' is not supported (only 0).", param=penalty,
-                           code="unsupported_parameter")
+            raise APIError(
+                400,
+                f"The parameter '{penalty}' is not supported (only 0).",
+                param=penalty,
+                code="unsupported_parameter",
+            )
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed with stream=true.", param="stream_options")
     if body.model != engine.model_name:
-        raise APIError(404, f"The model '{body.model}' does not exist. This server serves '{engine.model_name}'.",
-                       param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"The model '{body.model}' does not exist. This server serves '{engine.model_name}'.",
+            param="model",
+            code="model_not_found",
+        )
 
 
-def _sampling(body: ChatCompletionRequest | CompletionRequest, prompt_len: int, engine: Engine,
-              requested: int | None, default_max: int, param: str) -> SamplingParams:
+def _sampling(
+    body: ChatCompletionRequest | CompletionRequest,
+    prompt_len: int,
+    engine: Engine,
+    requested: int | None,
+    default_max: int,
+    param: str,
+) -> SamplingParams:
     limit = engine.context_length
     if prompt_len >= limit:
-        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, your prompt has "
-                            f"{prompt_len} tokens, which leaves no room for the completion.",
-                       param=param, code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, your prompt has "
+            f"{prompt_len} tokens, which leaves no room for the completion.",
+            param=param,
+            code="context_length_exceeded",
+        )
     room = limit - prompt_len
     # OpenAI answers 400 when max_tokens alone exceeds the window; within it, clamp to what is left.
     if requested is not None and requested > limit:
-        raise APIError(400, f"max_tokens is too large: {requested}. This model's maximum context length is "
-                            f"{limit} tokens.", param="max_tokens", code="context_length_exceeded")
+        raise APIError(
+            400,
+            f"max_tokens is too large: {requested}. This model's maximum context length is {limit} tokens.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     max_tokens = min(requested if requested is not None else default_max, room)
-    return SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
-                          top_p=1.0 if body.top_p is None else body.top_p, stop=body.stop_list(), seed=body.seed)
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        stop=body.stop_list(),
+        seed=body.seed,
+    )
 
 
-def _start(engine: Engine, prompt_ids: list[int], params: SamplingParams, retry_after: int) -> AsyncIterator[
-        GenerationChunk]:
+def _start(
+    engine: Engine, prompt_ids: list[int], params: SamplingParams, retry_after: int
+) -> AsyncIterator[GenerationChunk]:
     try:
         return engine.generate(prompt_ids, params)
     except QueueFullError as exc:
-        raise APIError(429, f"The server is at capacity ({exc}); retry after {retry_after} s.",
-                       code="queue_full", headers={"Retry-After": str(retry_after)}) from exc
+        raise APIError(
+            429,
+            f"The server is at capacity ({exc}); retry after {retry_after} s.",
+            code="queue_full",
+            headers={"Retry-After": str(retry_after)},
+        ) from exc
     except EngineUnavailableError as exc:
         raise APIError(503, str(exc), code="engine_unavailable") from exc
 
 
 def _usage(chunk: GenerationChunk) -> dict[str, int]:
-    return {"prompt_tokens": chunk.prompt_tokens, "completion_tokens": chunk.completion_tokens,
-            "total_tokens": chunk.prompt_tokens + chunk.completion_tokens}
+    return {
+        "prompt_tokens": chunk.prompt_tokens,
+        "completion_tokens": chunk.completion_tokens,
+        "total_tokens": chunk.prompt_tokens + chunk.completion_tokens,
+    }
 
 
 async def _collect(stream: AsyncIterator[GenerationChunk]) -> tuple[str, GenerationChunk]:
@@ -148,8 +191,9 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, _: Authenticated, engine: ReadyEngine,
-                           services: ServicesDep) -> Response:
+async def chat_completions(
+    body: ChatCompletionRequest, _: Authenticated, engine: ReadyEngine, services: ServicesDep
+) -> Response:
     _check_common(body, engine)
     if not engine.has_chat_template():
         raise APIError(400, "This model has no chat template; use /v1/completions.", param="messages")
@@ -163,19 +207,32 @@ async def chat_completions(body: ChatCompletionRequest, _: Authenticated, engine
 
     if not body.stream:
         text, last = await _collect(stream)
-        return JSONResponse({
-            "id": completion_id, "object": "chat.completion", "created": created, "model": engine.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": last.finish_reason}],
-            "usage": _usage(last),
-        })
+        return JSONResponse(
+            {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": engine.model_name,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": None,
+                        "finish_reason": last.finish_reason,
+                    }
+                ],
+                "usage": _usage(last),
+            }
+        )
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     base = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": engine.model_name}
 
     def chunk_payload(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
-        payload: dict[str, Any] = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                                         "finish_reason": finish}]}
+        payload: dict[str, Any] = {
+            **base,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
         if include_usage:
             payload["usage"] = None
         return payload
@@ -184,8 +241,9 @@ async def chat_completions(body: ChatCompletionRequest, _: Authenticated, engine
         yield _sse(chunk_payload({"role": "assistant", "content": ""}, None))
         async for chunk in stream:
             if chunk.error is not None:
-                yield _sse({"error": {"message": chunk.error, "type": "server_error", "param": None,
-                                      "code": "engine_failure"}})
+                yield _sse(
+                    {"error": {"message": chunk.error, "type": "server_error", "param": None, "code": "engine_failure"}}
+                )
                 break
             if chunk.text:
                 yield _sse(chunk_payload({"content": chunk.text}, None))
@@ -195,13 +253,15 @@ async def chat_completions(body: ChatCompletionRequest, _: Authenticated, engine
                     yield _sse({**base, "choices": [], "usage": _usage(chunk)})
         yield _sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 @router.post("/v1/completions")
-async def completions(body: CompletionRequest, _: Authenticated, engine: ReadyEngine,
-                      services: ServicesDep) -> Response:
+async def completions(
+    body: CompletionRequest, _: Authenticated, engine: ReadyEngine, services: ServicesDep
+) -> Response:
     _check_common(body, engine)
     prompt_ids = engine.encode_prompt(body.prompt_text())
     params = _sampling(body, len(prompt_ids), engine, body.max_tokens, services.settings.max_tokens_default, "prompt")
@@ -212,20 +272,30 @@ async def completions(body: CompletionRequest, _: Authenticated, engine: ReadyEn
 
     if not body.stream:
         text, last = await _collect(stream)
-        return JSONResponse({**base, "choices": [{"index": 0, "text": text, "logprobs": None,
-                                                  "finish_reason": last.finish_reason}], "usage": _usage(last)})
+        return JSONResponse(
+            {
+                **base,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason}],
+                "usage": _usage(last),
+            }
+        )
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def events() -> AsyncIterator[bytes]:
         async for chunk in stream:
             if chunk.error is not None:
-                yield _sse({"error": {"message": chunk.error, "type": "server_error", "param": None,
-                                      "code": "engine_failure"}})
+                yield _sse(
+                    {"error": {"message": chunk.error, "type": "server_error", "param": None, "code": "engine_failure"}}
+                )
                 break
             if chunk.text or chunk.finish_reason is not None:
-                payload: dict[str, Any] = {**base, "choices": [{"index": 0, "text": chunk.text, "logprobs": None,
-                                                                "finish_reason": chunk.finish_reason}]}
+                payload: dict[str, Any] = {
+                    **base,
+                    "choices": [
+                        {"index": 0, "text": chunk.text, "logprobs": None, "finish_reason": chunk.finish_reason}
+                    ],
+                }
                 if include_usage:
                     payload["usage"] = None
                 yield _sse(payload)
@@ -233,5 +303,6 @@ async def completions(body: CompletionRequest, _: Authenticated, engine: ReadyEn
                 yield _sse({**base, "choices": [], "usage": _usage(chunk)})
         yield _sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )

@@ -8,9 +8,26 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 # Accepted by OpenAI, not implemented here: refused with 400 naming the parameter when a client sets them.
 UNSUPPORTED_PARAMETERS = (
-    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logprobs", "top_logprobs",
-    "response_format", "logit_bias", "audio", "modalities", "prediction", "reasoning_effort",
-    "web_search_options", "suffix", "echo", "best_of", "metadata", "store", "service_tier",
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "parallel_tool_calls",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+    "logit_bias",
+    "audio",
+    "modalities",
+    "prediction",
+    "reasoning_effort",
+    "web_search_options",
+    "suffix",
+    "echo",
+    "best_of",
+    "metadata",
+    "store",
+    "service_tier",
 )
 
 

@@ -73,7 +73,7 @@ def convert_gguf_to_folder(gguf_file: Path, destination: Path) -> Path:
     if (destination / "config.json").is_file():
         return destination
     log.info("converting GGUF model to a cached folder", extra={"source": str(gguf_file), "cache": str(destination)})
-    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     # save_pretrained refuses models that remember their GGUF quantizer; the weights are plain fp32 now.
     model.hf_quantizer = None
@@ -118,7 +118,7 @@ def load_model(model_path: str, *, cache_dir: Path, device: str, dtype: str, nam
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=target_dtype, attn_implementation="sdpa")
+        model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=target_dtype, attn_implementation="sdpa")
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load model from {folder}: {exc}") from exc
     model.to(target_device)
@@ -126,5 +126,6 @@ def load_model(model_path: str, *, cache_dir: Path, device: str, dtype: str, nam
     if tokenizer.chat_template is None:
         log.warning("tokenizer has no chat template: /v1/chat/completions will be refused")
     context_length = int(getattr(model.config, "max_position_embeddings", 2048))
-    return LoadedModel(model=model, tokenizer=tokenizer, name=served_name, device=target_device,
-                       context_length=context_length)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, name=served_name, device=target_device, context_length=context_length
+    )

@@ -125,8 +125,13 @@ class TransformersEngine:
             await asyncio.to_thread(self._thread.join, 30)
 
     def is_ready(self) -> bool:
-        return (self._warm and self._failed is None and not self._stopping
-                and self._thread is not None and self._thread.is_alive())
+        return (
+            self._warm
+            and self._failed is None
+            and not self._stopping
+            and self._thread is not None
+            and self._thread.is_alive()
+        )
 
     def stats(self) -> EngineStats:
         return EngineStats(running=len(self._running), waiting=len(self._waiting))
@@ -137,8 +142,7 @@ class TransformersEngine:
         chunk, so the API can still answer 429/503) and return the stream of its chunks."""
         if self._failed is not None or self._stopping or self._thread is None:
             raise EngineUnavailableError(self._failed or "engine is not running")
-        seq = _Sequence(prompt_ids=prompt_ids, params=params, loop=asyncio.get_running_loop(),
-                        outputs=asyncio.Queue())
+        seq = _Sequence(prompt_ids=prompt_ids, params=params, loop=asyncio.get_running_loop(), outputs=asyncio.Queue())
         seq.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
         with self._lock:
             free_slots = self._max_batch - len(self._running)
@@ -211,8 +215,9 @@ class TransformersEngine:
         reused = min(reused, len(seq.prompt_ids) - 1)
         past_cache = DynamicCache(config=self._model.config)
         if reused:
-            past_cache = DynamicCache(ddp_cache_data=[(k[:, :, :reused], v[:, :, :reused]) for k, v in past],
-                                      config=self._model.config)
+            past_cache = DynamicCache(
+                ddp_cache_data=[(k[:, :, :reused], v[:, :, :reused]) for k, v in past], config=self._model.config
+            )
         ids = torch.tensor([seq.prompt_ids[reused:]], dtype=torch.long, device=self._device)
         out = self._model(input_ids=ids, past_key_values=past_cache, use_cache=True)
         cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
@@ -233,8 +238,12 @@ class TransformersEngine:
             width = max(old_len, new_len)
             merged: KVCache = []
             for (k_old, v_old), (k_new, v_new) in zip(self._cache, cache, strict=True):
-                merged.append((torch.cat([_left_pad(k_old, width), _left_pad(k_new, width)], dim=0),
-                               torch.cat([_left_pad(v_old, width), _left_pad(v_new, width)], dim=0)))
+                merged.append(
+                    (
+                        torch.cat([_left_pad(k_old, width), _left_pad(k_new, width)], dim=0),
+                        torch.cat([_left_pad(v_old, width), _left_pad(v_new, width)], dim=0),
+                    )
+                )
             self._cache = merged
             new_mask = torch.ones((1, new_len), dtype=torch.long, device=self._device)
             self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(new_mask, width)], dim=0)
@@ -252,8 +261,10 @@ class TransformersEngine:
         # Columns that are padding for every remaining row only cost compute: drop them.
         first_used = int((mask.sum(dim=0) > 0).nonzero()[0].item())
         self._mask = mask[:, first_used:]
-        self._cache = [(k.index_select(0, index)[:, :, first_used:], v.index_select(0, index)[:, :, first_used:])
-                       for k, v in self._cache]
+        self._cache = [
+            (k.index_select(0, index)[:, :, first_used:], v.index_select(0, index)[:, :, first_used:])
+            for k, v in self._cache
+        ]
 
     def _decode_step(self) -> None:
         from transformers import DynamicCache
@@ -264,8 +275,9 @@ class TransformersEngine:
         positions = torch.tensor([[seq.length] for seq in batch], dtype=torch.long, device=self._device)
         mask = torch.cat([self._mask, torch.ones((len(batch), 1), dtype=torch.long, device=self._device)], dim=1)
         cache = DynamicCache(ddp_cache_data=self._cache, config=self._model.config)
-        out = self._model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                          past_key_values=cache, use_cache=True)
+        out = self._model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        )
         self._cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         self._mask = mask
         for seq in batch:
@@ -328,19 +340,25 @@ class TransformersEngine:
         if stops:
             safe = min(safe, len(text) - (max(len(s) for s in stops) - 1))
         if safe > seq.emitted_chars:
-            seq.send(GenerationChunk(text=text[seq.emitted_chars:safe]))
+            seq.send(GenerationChunk(text=text[seq.emitted_chars : safe]))
             seq.emitted_chars = safe
         return True
 
     def _finish(self, seq: _Sequence, reason: str, now: float, final_text: str | None = None) -> bool:
         if final_text is None:
             final_text = self._tokenizer.decode(seq.generated, skip_special_tokens=True)
-        tail = final_text[seq.emitted_chars:] if len(final_text) > seq.emitted_chars else ""
+        tail = final_text[seq.emitted_chars :] if len(final_text) > seq.emitted_chars else ""
         seq.finished = True
         self._metrics.e2e_latency.observe(now - seq.arrival)
         self._metrics.request_success.labels(finished_reason=reason).inc()
-        seq.send(GenerationChunk(text=tail, finish_reason=reason,  # type: ignore[arg-type]
-                                 prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.generated)))
+        seq.send(
+            GenerationChunk(
+                text=tail,
+                finish_reason=reason,  # type: ignore[arg-type]
+                prompt_tokens=len(seq.prompt_ids),
+                completion_tokens=len(seq.generated),
+            )
+        )
         return False
 
 

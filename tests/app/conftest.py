@@ -58,11 +58,26 @@ def start_server(tmp: Path, *extra: str) -> Server:
     log = tmp / f"server-{port}.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "app", "serve", "--host", "127.0.0.1", "--port", str(port), "--keys-db", str(keys_db),
-         *extra],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
-    server = Server(url=f"http://127.0.0.1:{port}", key=created.stdout.strip(), keys_db=keys_db, process=process,
-                    log=log)
+        [
+            sys.executable,
+            "-m",
+            "app",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--keys-db",
+            str(keys_db),
+            *extra,
+        ],
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    server = Server(
+        url=f"http://127.0.0.1:{port}", key=created.stdout.strip(), keys_db=keys_db, process=process, log=log
+    )
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -88,8 +103,15 @@ def stop_server(server: Server) -> None:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("main"), "--max-batch-size", "16", "--max-queued-requests", "64",
-                           "--max-body-bytes", "1048576")
+    running = start_server(
+        tmp_path_factory.mktemp("main"),
+        "--max-batch-size",
+        "16",
+        "--max-queued-requests",
+        "64",
+        "--max-body-bytes",
+        "1048576",
+    )
     yield running
     stop_server(running)
 
@@ -97,7 +119,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @pytest.fixture(scope="session")
 def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One running slot and one waiting place: the third concurrent request must be refused."""
-    running = start_server(tmp_path_factory.mktemp("small"), "--max-batch-size", "1", "--max-queued-requests", "1",
-                           "--retry-after-s", "3")
+    running = start_server(
+        tmp_path_factory.mktemp("small"), "--max-batch-size", "1", "--max-queued-requests", "1", "--retry-after-s", "3"
+    )
     yield running
     stop_server(running)

