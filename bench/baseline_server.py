@@ -38,8 +38,9 @@ def build(cache_dir: Path) -> FastAPI:
 
         def run() -> None:
             with lock, torch.inference_mode():  # one generation at a time: the point of the baseline
-                output = loaded.model.generate(**inputs, max_new_tokens=body.get("max_tokens", 64), do_sample=False,
-                                               streamer=streamer)
+                output = loaded.model.generate(
+                    **inputs, max_new_tokens=body.get("max_tokens", 64), do_sample=False, streamer=streamer
+                )
             generated.append(int(output.shape[1] - inputs["input_ids"].shape[1]))
 
         worker = threading.Thread(target=run, daemon=True)
@@ -53,15 +54,28 @@ def build(cache_dir: Path) -> FastAPI:
                 if text is None:
                     break
                 if text:
-                    chunk = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
-                             "model": loaded.name, "choices": [{"index": 0, "delta": {"content": text},
-                                                                "finish_reason": None}]}
+                    chunk = {
+                        "id": cid,
+                        "object": "chat.completion.chunk",
+                        "created": int(time.time()),
+                        "model": loaded.name,
+                        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+                    }
                     yield f"data: {json.dumps(chunk)}\n\n".encode()
             await asyncio.to_thread(worker.join)
-            usage = {"prompt_tokens": int(inputs["input_ids"].shape[1]), "completion_tokens": generated[0],
-                     "total_tokens": int(inputs["input_ids"].shape[1]) + generated[0]}
-            final = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": loaded.name,
-                     "choices": [], "usage": usage}
+            usage = {
+                "prompt_tokens": int(inputs["input_ids"].shape[1]),
+                "completion_tokens": generated[0],
+                "total_tokens": int(inputs["input_ids"].shape[1]) + generated[0],
+            }
+            final = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": loaded.name,
+                "choices": [],
+                "usage": usage,
+            }
             yield f"data: {json.dumps(final)}\n\n".encode()
             yield b"data: [DONE]\n\n"
 

@@ -45,8 +45,13 @@ async def one_request(client: openai.AsyncOpenAI, prompt: str, max_tokens: int) 
     first = 0.0
     tokens = 0
     stream = await client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0,
-        stream=True, stream_options={"include_usage": True})
+        model=MODEL,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content and not first:
             first = time.perf_counter() - started
@@ -66,16 +71,25 @@ async def level(url: str, key: str, concurrency: int, requests: int, max_tokens:
             results.append(await one_request(client, PROMPTS[i % len(PROMPTS)], max_tokens))
 
     started = time.perf_counter()
-    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), timeout=1800)
+    try:
+        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), timeout=1800)
+    finally:
+        await client.close()
     elapsed = time.perf_counter() - started
     latencies = [r["latency"] for r in results]
     ttfts = [r["ttft"] for r in results]
-    return {"concurrency": concurrency, "requests": len(results), "seconds": round(elapsed, 2),
-            "requests_per_s": round(len(results) / elapsed, 3),
-            "tokens_per_s": round(sum(r["tokens"] for r in results) / elapsed, 1),
-            "mean_tokens": round(statistics.mean(r["tokens"] for r in results), 1),
-            "latency_p50_s": round(percentile(latencies, 0.5), 2), "latency_p99_s": round(percentile(latencies, 0.99), 2),
-            "ttft_p50_s": round(percentile(ttfts, 0.5), 2), "ttft_p99_s": round(percentile(ttfts, 0.99), 2)}
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "seconds": round(elapsed, 2),
+        "requests_per_s": round(len(results) / elapsed, 3),
+        "tokens_per_s": round(sum(r["tokens"] for r in results) / elapsed, 1),
+        "mean_tokens": round(statistics.mean(r["tokens"] for r in results), 1),
+        "latency_p50_s": round(percentile(latencies, 0.5), 2),
+        "latency_p99_s": round(percentile(latencies, 0.99), 2),
+        "ttft_p50_s": round(percentile(ttfts, 0.5), 2),
+        "ttft_p99_s": round(percentile(ttfts, 0.99), 2),
+    }
 
 
 def wait_ready(url: str, path: str, process: subprocess.Popen[bytes], timeout: float = 600) -> None:
@@ -102,23 +116,45 @@ def start(kind: str, port: int, workdir: Path) -> tuple[subprocess.Popen[bytes],
         wait_ready(f"http://127.0.0.1:{port}", "/v1/chat/completions", process)
         return process, key
     keys_db = workdir / "keys.db"
-    key = subprocess.run([sys.executable, "-m", "app", "keys", "create", "--name", "bench", "--keys-db", str(keys_db)],
-                         capture_output=True, text=True, check=True).stdout.strip()
-    cmd = [sys.executable, "-m", "app", "serve", "--port", str(port), "--keys-db", str(keys_db),
-           "--max-batch-size", "32", "--max-queued-requests", "256", "--log-level", "warning"]
+    key = subprocess.run(
+        [sys.executable, "-m", "app", "keys", "create", "--name", "bench", "--keys-db", str(keys_db)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    cmd = [
+        sys.executable,
+        "-m",
+        "app",
+        "serve",
+        "--port",
+        str(port),
+        "--keys-db",
+        str(keys_db),
+        "--max-batch-size",
+        "32",
+        "--max-queued-requests",
+        "256",
+        "--log-level",
+        "warning",
+    ]
     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     wait_ready(f"http://127.0.0.1:{port}", "/ready", process)
     return process, key
 
 
 def markdown(results: dict[str, list[dict[str, Any]]]) -> str:
-    lines = ["| server | concurrency | requests | req/s | tokens/s | mean tokens | latency p50 / p99 s | TTFT p50 / p99 s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| server | concurrency | requests | req/s | tokens/s | mean tokens | latency p50 / p99 s | TTFT p50 / p99 s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for server, rows in results.items():
         for r in rows:
-            lines.append(f"| {server} | {r['concurrency']} | {r['requests']} | {r['requests_per_s']} | "
-                         f"{r['tokens_per_s']} | {r['mean_tokens']} | {r['latency_p50_s']} / {r['latency_p99_s']} | "
-                         f"{r['ttft_p50_s']} / {r['ttft_p99_s']} |")
+            lines.append(
+                f"| {server} | {r['concurrency']} | {r['requests']} | {r['requests_per_s']} | "
+                f"{r['tokens_per_s']} | {r['mean_tokens']} | {r['latency_p50_s']} / {r['latency_p99_s']} | "
+                f"{r['ttft_p50_s']} / {r['ttft_p99_s']} |"
+            )
     return "\n".join(lines)
 
 
