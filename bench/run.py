@@ -14,6 +14,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,8 @@ def start(kind: str, port: int, workdir: Path) -> tuple[subprocess.Popen[bytes],
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         wait_ready(f"http://127.0.0.1:{port}", "/v1/chat/completions", process)
         return process, key
-    keys_db = workdir / "keys.db"
+    # The key database stays out of the repository: a temporary directory per run.
+    keys_db = Path(tempfile.mkdtemp(prefix="pli-bench-")) / "keys.db"
     key = subprocess.run(
         [sys.executable, "-m", "app", "keys", "create", "--name", "bench", "--keys-db", str(keys_db)],
         capture_output=True,
