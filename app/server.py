@@ -71,7 +71,6 @@ def build_engine(services: Services) -> Engine:
         max_batch_size=settings.max_batch_size,
         max_queued_requests=settings.max_queued_requests,
         context_length=settings.max_model_len,
-        log_prompts=settings.log_prompts,
     )
 
 

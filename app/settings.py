@@ -43,7 +43,6 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM: time allowed for in-flight requests")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 429 queue-full answers")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_prompts: bool = Field(default=False, description="log prompt and completion text (off: private data)")
 
     @model_validator(mode="after")
     def _check_paths(self) -> Settings:

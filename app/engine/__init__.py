@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 FinishReason = Literal["stop", "length"]
@@ -41,13 +41,6 @@ class GenerationChunk:
     error: str | None = None
 
 
-@dataclass
-class EngineStats:
-    running: int = 0
-    waiting: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
-
-
 class Engine(Protocol):
     model_name: str
     context_length: int
@@ -63,7 +56,5 @@ class Engine(Protocol):
     async def shutdown(self) -> None: ...
 
     def is_ready(self) -> bool: ...
-
-    def stats(self) -> EngineStats: ...
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationChunk]: ...

@@ -20,12 +20,10 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from app.engine import (
-    EngineStats,
     EngineUnavailableError,
     GenerationChunk,
     QueueFullError,
@@ -68,7 +66,6 @@ class TransformersEngine:
         max_batch_size: int,
         max_queued_requests: int,
         context_length: int | None = None,
-        log_prompts: bool = False,
         prefix_cache_entries: int = 8,
     ) -> None:
         self._model = loaded.model
@@ -79,7 +76,6 @@ class TransformersEngine:
         self._metrics = metrics
         self._max_batch = max_batch_size
         self._max_waiting = max_queued_requests
-        self._log_prompts = log_prompts
         eos = self._model.generation_config.eos_token_id
         eos_ids = eos if isinstance(eos, list) else [eos]
         if self._tokenizer.eos_token_id is not None:
@@ -132,9 +128,6 @@ class TransformersEngine:
             and self._thread is not None
             and self._thread.is_alive()
         )
-
-    def stats(self) -> EngineStats:
-        return EngineStats(running=len(self._running), waiting=len(self._waiting))
 
     # --- submission ----------------------------------------------------------------------------------
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationChunk]:
@@ -410,7 +403,3 @@ def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
     shape = list(tensor.shape)
     shape[axis] = missing
     return torch.cat([torch.zeros(shape, dtype=tensor.dtype, device=tensor.device), tensor], dim=axis)
-
-
-def build_engine(loaded: LoadedModel, metrics: Metrics, **kwargs: Any) -> TransformersEngine:
-    return TransformersEngine(loaded, metrics, **kwargs)
