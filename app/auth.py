@@ -54,18 +54,31 @@ def _split(key: str) -> tuple[str, str] | None:
 class KeyStore:
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._prepared = False
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        connection = sqlite3.connect(self.path, timeout=10)
+        connection = sqlite3.connect(self._prepare(), timeout=10)
         try:
-            connection.execute(_SCHEMA)
             yield connection
             connection.commit()
         finally:
             connection.close()
-        self.path.chmod(0o600)
+
+    def _prepare(self) -> Path:
+        """Create the database, its table and its 0600 mode once, not on every request's key check."""
+        if not self._prepared:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.touch(mode=0o600, exist_ok=True)
+            self.path.chmod(0o600)
+            connection = sqlite3.connect(self.path, timeout=10)
+            try:
+                connection.execute(_SCHEMA)
+                connection.commit()
+            finally:
+                connection.close()
+            self._prepared = True
+        return self.path
 
     def create(self, name: str) -> str:
         """Create a key and return it; this is the only time the plain key exists."""

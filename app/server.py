@@ -24,18 +24,16 @@ from app.settings import Settings
 
 
 class _JSONFormatter(logging.Formatter):
+    """One JSON object per line; structured fields come from `extra={"fields": {...}}`."""
+
     def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
         entry: dict[str, object] = {
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
             "logger": record.name,
+            "message": record.getMessage(),
         }
-        try:
-            parsed = json.loads(message)
-            entry.update(parsed if isinstance(parsed, dict) else {"message": message})
-        except ValueError:
-            entry["message"] = message
+        entry.update(getattr(record, "fields", {}))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
@@ -84,14 +82,14 @@ class DrainingServer(uvicorn.Server):
             super().handle_exit(sig, frame)
             return
         self.services.draining = True
-        logging.getLogger("app").info(json.dumps({"event": "draining", "in_flight": self.services.in_flight}))
+        logging.getLogger("app").info("draining", extra={"fields": {"in_flight": self.services.in_flight}})
         threading.Thread(target=self._drain_then_exit, name="drain", daemon=True).start()
 
     def _drain_then_exit(self) -> None:
         deadline = time.monotonic() + self.services.settings.drain_timeout_s
         while self.services.in_flight > 0 and time.monotonic() < deadline:
             time.sleep(0.05)
-        logging.getLogger("app").info(json.dumps({"event": "drained", "left": self.services.in_flight}))
+        logging.getLogger("app").info("drained", extra={"fields": {"left": self.services.in_flight}})
         # Not recorded as a captured signal: uvicorn would re-raise SIGTERM after shutdown and exit 143.
         self.should_exit = True
 
@@ -103,14 +101,11 @@ def serve(settings: Settings) -> int:
         keys = KeyStore(settings.keys_db)
         if keys.active_count() == 0:
             logging.getLogger("app").error(
-                json.dumps(
-                    {
-                        "event": "refusing_to_start",
-                        "message": f"no API key in {settings.keys_db}: create one with "
-                        f"'python -m app keys create --name NAME --keys-db {settings.keys_db}', "
-                        "or start with --insecure-no-auth for local development",
-                    }
-                )
+                "refusing to start: no API key in %s: create one with "
+                "'python -m app keys create --name NAME --keys-db %s', "
+                "or start with --insecure-no-auth for local development",
+                settings.keys_db,
+                settings.keys_db,
             )
             return 2
     services = Services(settings=settings, metrics=Metrics(), keys=keys)

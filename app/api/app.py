@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -95,15 +94,15 @@ class RequestAccounting:
             label = getattr(route, "path", "unmatched")
             services.metrics.http_responses.labels(route=label, status=str(status)).inc()
             log.info(
-                json.dumps(
-                    {
-                        "event": "request",
+                "request",
+                extra={
+                    "fields": {
                         "method": scope["method"],
                         "route": label,
                         "status": status,
                         "duration_ms": round((time.monotonic() - started) * 1000, 1),
                     }
-                )
+                },
             )
 
 
@@ -138,7 +137,7 @@ def create_app(services: Services, engine_factory: EngineFactory) -> FastAPI:
                 engine = await asyncio.to_thread(engine_factory, services)
                 services.engine = engine
                 await engine.start()
-                logging.getLogger("app").info(json.dumps({"event": "ready", "model": engine.model_name}))
+                logging.getLogger("app").info("ready", extra={"fields": {"model": engine.model_name}})
             except Exception as exc:
                 services.load_error = f"model failed to load: {exc}"
                 logging.getLogger("app").exception("model load failed")

@@ -72,7 +72,10 @@ def convert_gguf_to_folder(gguf_file: Path, destination: Path) -> Path:
 
     if (destination / "config.json").is_file():
         return destination
-    log.info("converting GGUF model to a cached folder", extra={"source": str(gguf_file), "cache": str(destination)})
+    log.info(
+        "converting GGUF model to a cached folder",
+        extra={"fields": {"source": str(gguf_file), "cache": str(destination)}},
+    )
     model: Any = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     # save_pretrained refuses models that remember their GGUF quantizer; the weights are plain fp32 now.
