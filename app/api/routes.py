@@ -39,10 +39,11 @@ Authenticated = Annotated[KeyRecord | None, Depends(authenticate)]
 
 
 def ready_engine(services: ServicesDep) -> Engine:
-    if services.draining:
-        raise APIError(503, "The server is shutting down; retry on another instance.", code="draining")
-    if services.engine is None or not services.engine.is_ready():
-        message = services.load_error or "The model is still loading; retry shortly."
+    # Draining is refused earlier, for every /v1 route, by the RequestAccounting middleware.
+    state = services.state()
+    if state != "ready" or services.engine is None:
+        failure = services.load_error or (services.engine.failure() if services.engine else None)
+        message = failure or "The model is still loading; retry shortly."
         raise APIError(503, message, code="not_ready", headers={"Retry-After": "5"})
     return services.engine
 
@@ -57,17 +58,8 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(services: ServicesDep) -> JSONResponse:
-    if services.ready():
-        return JSONResponse({"status": "ready"})
-    state = "draining" if services.draining else ("failed" if services.load_error else "loading")
-    if (
-        services.engine is not None
-        and not services.draining
-        and services.load_error is None
-        and getattr(services.engine, "_failed", None)
-    ):
-        state = "failed"
-    return JSONResponse({"status": state}, status_code=503)
+    state = services.state()
+    return JSONResponse({"status": state}, status_code=200 if state == "ready" else 503)
 
 
 @router.get("/metrics")

@@ -22,8 +22,15 @@ class Services:
     draining: bool = False
     in_flight: int = field(default=0)
 
-    def ready(self) -> bool:
-        return self.engine is not None and not self.draining and self.engine.is_ready()
+    def state(self) -> str:
+        """ready, loading, draining or failed: what /ready reports and what gates generation."""
+        if self.draining:
+            return "draining"
+        if self.load_error is not None or (self.engine is not None and self.engine.failure() is not None):
+            return "failed"
+        if self.engine is None or not self.engine.is_ready():
+            return "loading"
+        return "ready"
 
 
 def get_services(request: Request) -> Services:

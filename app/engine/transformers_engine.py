@@ -120,6 +120,9 @@ class TransformersEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
 
+    def failure(self) -> str | None:
+        return self._failed
+
     def is_ready(self) -> bool:
         return (
             self._warm
