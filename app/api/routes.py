@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.api.errors import APIError
+from app.api.errors import APIError, error_body
 from app.api.schemas import UNSUPPORTED_PARAMETERS, ChatCompletionRequest, CompletionRequest
 from app.api.services import Services, get_services
 from app.auth import KeyRecord
@@ -182,6 +182,13 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
+def _event_stream(events: AsyncIterator[bytes]) -> StreamingResponse:
+    # X-Accel-Buffering: nginx must pass each event on as it comes.
+    return StreamingResponse(
+        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(
     body: ChatCompletionRequest, _: Authenticated, engine: ReadyEngine, services: ServicesDep
@@ -233,9 +240,7 @@ async def chat_completions(
         yield _sse(chunk_payload({"role": "assistant", "content": ""}, None))
         async for chunk in stream:
             if chunk.error is not None:
-                yield _sse(
-                    {"error": {"message": chunk.error, "type": "server_error", "param": None, "code": "engine_failure"}}
-                )
+                yield _sse(error_body(500, chunk.error, code="engine_failure"))
                 break
             if chunk.text:
                 yield _sse(chunk_payload({"content": chunk.text}, None))
@@ -245,9 +250,7 @@ async def chat_completions(
                     yield _sse({**base, "choices": [], "usage": _usage(chunk)})
         yield _sse("[DONE]")
 
-    return StreamingResponse(
-        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
+    return _event_stream(events())
 
 
 @router.post("/v1/completions")
@@ -277,9 +280,7 @@ async def completions(
     async def events() -> AsyncIterator[bytes]:
         async for chunk in stream:
             if chunk.error is not None:
-                yield _sse(
-                    {"error": {"message": chunk.error, "type": "server_error", "param": None, "code": "engine_failure"}}
-                )
+                yield _sse(error_body(500, chunk.error, code="engine_failure"))
                 break
             if chunk.text or chunk.finish_reason is not None:
                 payload: dict[str, Any] = {
@@ -295,6 +296,4 @@ async def completions(
                 yield _sse({**base, "choices": [], "usage": _usage(chunk)})
         yield _sse("[DONE]")
 
-    return StreamingResponse(
-        events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
+    return _event_stream(events())

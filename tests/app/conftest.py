@@ -46,8 +46,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "app", *args], capture_output=True, text=True, check=False)
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app", *args], capture_output=True, text=True, check=False, timeout=timeout
+    )
 
 
 def start_server(tmp: Path, *extra: str) -> Server:

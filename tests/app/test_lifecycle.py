@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -35,25 +33,13 @@ def test_keys_cli_create_list_revoke(tmp_path: Path) -> None:
 
 
 def test_server_refuses_to_start_without_any_key(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "app", "serve", "--port", str(free_port()), "--keys-db", str(tmp_path / "none.db")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    result = run_cli("serve", "--port", str(free_port()), "--keys-db", str(tmp_path / "none.db"))
     assert result.returncode == 2
     assert "--insecure-no-auth" in result.stderr
 
 
 def test_bad_setting_is_a_clear_error(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "app", "serve", "--model-path", str(tmp_path / "missing")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_cli("serve", "--model-path", str(tmp_path / "missing"), timeout=60)
     assert result.returncode == 2
     assert "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
