@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.errors import APIError, error_body
-from app.api.schemas import UNSUPPORTED_PARAMETERS, ChatCompletionRequest, CompletionRequest
+from app.api.schemas import ChatCompletionRequest, CompletionRequest
 from app.api.services import Services, get_services
 from app.auth import KeyRecord
 from app.engine import Engine, EngineUnavailableError, GenerationChunk, QueueFullError, SamplingParams
@@ -76,15 +76,14 @@ async def list_models(_: Authenticated, services: ServicesDep) -> dict[str, Any]
 
 
 def _check_common(body: ChatCompletionRequest | CompletionRequest, engine: Engine) -> None:
-    for name in UNSUPPORTED_PARAMETERS:
-        value = getattr(body, name, None)
-        if value is not None and value is not False:
-            raise APIError(
-                400,
-                f"The parameter '{name}' is not supported by this server.",
-                param=name,
-                code="unsupported_parameter",
-            )
+    unsupported = body.unsupported_set()
+    if unsupported:
+        raise APIError(
+            400,
+            f"The parameter '{unsupported[0]}' is not supported by this server.",
+            param=unsupported[0],
+            code="unsupported_parameter",
+        )
     if body.n not in (None, 1):
         raise APIError(400, "Only n=1 is supported.", param="n", code="unsupported_parameter")
     for penalty in ("presence_penalty", "frequency_penalty"):

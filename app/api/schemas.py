@@ -6,33 +6,22 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-# Accepted by OpenAI, not implemented here: refused with 400 naming the parameter when a client sets them.
-UNSUPPORTED_PARAMETERS = (
-    "tools",
-    "tool_choice",
-    "functions",
-    "function_call",
-    "parallel_tool_calls",
-    "logprobs",
-    "top_logprobs",
-    "response_format",
-    "logit_bias",
-    "audio",
-    "modalities",
-    "prediction",
-    "reasoning_effort",
-    "web_search_options",
-    "suffix",
-    "echo",
-    "best_of",
-    "metadata",
-    "store",
-    "service_tier",
-)
+# Accepted by OpenAI, not implemented here: declared with this type so a client that sets one gets a 400
+# naming it (see unsupported_set), rather than "unrecognized argument".
+_UNSUPPORTED = "unsupported"
+Unsupported = Annotated[Any, _UNSUPPORTED]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    def unsupported_set(self) -> list[str]:
+        """The unsupported parameters this request sets (null and false count as unset)."""
+        return [
+            name
+            for name, info in type(self).model_fields.items()
+            if _UNSUPPORTED in info.metadata and getattr(self, name) not in (None, False)
+        ]
 
 
 class TextPart(_Strict):
@@ -75,19 +64,18 @@ class _Common(_Strict):
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
 
-    # Parameters listed in UNSUPPORTED_PARAMETERS: typed loosely so the route can name them in its 400.
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    parallel_tool_calls: Any = None
-    logprobs: Any = None
-    top_logprobs: Any = None
-    response_format: Any = None
-    logit_bias: Any = None
-    metadata: Any = None
-    store: Any = None
-    service_tier: Any = None
+    tools: Unsupported = None
+    tool_choice: Unsupported = None
+    functions: Unsupported = None
+    function_call: Unsupported = None
+    parallel_tool_calls: Unsupported = None
+    logprobs: Unsupported = None
+    top_logprobs: Unsupported = None
+    response_format: Unsupported = None
+    logit_bias: Unsupported = None
+    metadata: Unsupported = None
+    store: Unsupported = None
+    service_tier: Unsupported = None
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -99,18 +87,18 @@ class _Common(_Strict):
 class ChatCompletionRequest(_Common):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
-    audio: Any = None
-    modalities: Any = None
-    prediction: Any = None
-    reasoning_effort: Any = None
-    web_search_options: Any = None
+    audio: Unsupported = None
+    modalities: Unsupported = None
+    prediction: Unsupported = None
+    reasoning_effort: Unsupported = None
+    web_search_options: Unsupported = None
 
 
 class CompletionRequest(_Common):
     prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=1)]
-    suffix: Any = None
-    echo: Any = None
-    best_of: Any = None
+    suffix: Unsupported = None
+    echo: Unsupported = None
+    best_of: Unsupported = None
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
