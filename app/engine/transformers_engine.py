@@ -321,9 +321,8 @@ class TransformersEngine:
 
         text = self._tokenizer.decode(seq.generated, skip_special_tokens=True)
         stops = seq.params.stop
-        longest_stop = max(map(len, stops), default=0)
         if stops:
-            search_from = max(0, seq.emitted_chars - longest_stop)
+            search_from = max(0, seq.emitted_chars - max(len(s) for s in stops))
             hits = [i for i in (text.find(s, search_from) for s in stops) if i >= 0]
             if hits:
                 return self._finish(seq, "stop", now, final_text=text[: min(hits)])
@@ -335,7 +334,7 @@ class TransformersEngine:
         if text.endswith("\ufffd"):
             safe = len(text.rstrip("\ufffd"))
         if stops:
-            safe = min(safe, len(text) - (longest_stop - 1))
+            safe = min(safe, len(text) - (max(len(s) for s in stops) - 1))
         if safe > seq.emitted_chars:
             seq.send(GenerationChunk(text=text[seq.emitted_chars : safe]))
             seq.emitted_chars = safe

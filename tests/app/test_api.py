@@ -264,12 +264,17 @@ def test_client_disconnect_frees_its_slot(server: Server) -> None:
     with httpx.stream(
         "POST", f"{server.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {server.key}"}, timeout=60
     ) as response:
-        received = 0
-        for line in response.iter_lines():
-            received += bool(line)
-            if received >= 3:
-                break
-        assert server.metric("private_llm_num_requests_running") == 1
+        # Keep the line iterator alive: breaking out of a for-loop would close it, and with it the
+        # connection, before the running gauge below is read.
+        stream_lines = response.iter_lines()
+        lines: list[str] = []
+        while len(lines) < 3:
+            line = next(stream_lines)
+            if line:
+                lines.append(line)
+        running = server.metric("private_llm_num_requests_running")
+        finished = server.metric("private_llm_request_success_total") - finished_before
+        assert running == 1, f"running={running}, finished since start={finished}, lines={lines}"
     # Left the with-block: connection closed mid-stream.
     for _ in range(100):
         if server.metric("private_llm_num_requests_running") == 0:
