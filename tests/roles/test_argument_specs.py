@@ -1,0 +1,86 @@
+"""Every role's meta/argument_specs.yml rejects wrong input before the role touches a host.
+
+The play runs against localhost with a local connection; after reading the minimal facts, argument
+validation is the role's first task, so a rejected value ends the play before any change.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+ROLES = sorted(p.parent.parent.name for p in REPO.glob("roles/*/meta/argument_specs.yml"))
+
+BAD_INPUT = [
+    ("docker", {"docker_source": "snap"}, "docker_source must be one of: distro, docker_ce"),
+    ("docker", {"docker_log_max_file": "many"}, "argument 'docker_log_max_file' is of type str"),
+    ("docker", {"docker_default_address_pools": [{"base": "10.9.0.0/16"}]}, "missing required arguments: size"),
+    ("nvidia_driver", {"nvidia_driver_source": "runfile"}, "nvidia_driver_source must be one of: debian, ubuntu, cuda"),
+    ("nvidia_driver", {"nvidia_driver_reboot": "sometimes"}, "argument 'nvidia_driver_reboot' is of type str"),
+    (
+        "nvidia_container_toolkit",
+        {"nvidia_container_toolkit_cdi": "yes-please"},
+        "nvidia_container_toolkit_cdi must be one of",
+    ),
+    ("base", {"base_sysctl_apply": "maybe"}, "argument 'base_sysctl_apply' is of type str"),
+]
+
+
+def run_role(tmp_path: Path, role: str, variables: dict[str, object]) -> subprocess.CompletedProcess[str]:
+    playbook = tmp_path / "play.yml"
+    playbook.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "name": "argument check",
+                    "hosts": "localhost",
+                    "connection": "local",
+                    # Role defaults use facts (distribution, kernel) as in real plays.
+                    "gather_facts": True,
+                    "gather_subset": ["!all", "min"],
+                    "tasks": [{"ansible.builtin.include_role": {"name": role}, "vars": variables}],
+                }
+            ]
+        )
+    )
+    env = {**os.environ, "ANSIBLE_ROLES_PATH": str(REPO / "roles"), "ANSIBLE_NOCOLOR": "1"}
+    return subprocess.run(
+        [
+            str(Path(sys.executable).with_name("ansible-playbook")),
+            "-i",
+            "localhost,",
+            "-e",
+            f"ansible_python_interpreter={sys.executable}",
+            str(playbook),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_every_role_declares_its_arguments():
+    assert {"base", "docker", "nvidia_driver", "nvidia_container_toolkit"} <= set(ROLES)
+
+
+@pytest.mark.parametrize(
+    ("role", "variables", "message"),
+    BAD_INPUT,
+    ids=lambda v: v if isinstance(v, str) and "_" in v and " " not in v else None,
+)
+def test_wrong_input_fails_with_a_clear_message(tmp_path, role, variables, message):
+    result = run_role(tmp_path, role, variables)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Validating arguments against arg spec" in output, output
+    assert "failed=1" in output, output
+    assert message in output, output
