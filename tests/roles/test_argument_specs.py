@@ -28,6 +28,8 @@ BAD_INPUT = [
         {"nvidia_container_toolkit_cdi": "yes-please"},
         "nvidia_container_toolkit_cdi must be one of",
     ),
+    ("nginx", {"nginx_tls_protocols": ["TLSv1"]}, "nginx_tls_protocols must be one or more of: TLSv1.2, TLSv1.3"),
+    ("certbot", {"certbot_mode": "manual"}, "certbot_mode must be one of: acme, selfsigned, provided"),
     ("base", {"base_sysctl_apply": "maybe"}, "argument 'base_sysctl_apply' is of type str"),
 ]
 
@@ -69,7 +71,7 @@ def run_role(tmp_path: Path, role: str, variables: dict[str, object]) -> subproc
 
 
 def test_every_role_declares_its_arguments():
-    assert {"base", "docker", "nvidia_driver", "nvidia_container_toolkit"} <= set(ROLES)
+    assert {"base", "docker", "nvidia_driver", "nvidia_container_toolkit", "nginx", "certbot"} <= set(ROLES)
 
 
 @pytest.mark.parametrize(
