@@ -30,6 +30,7 @@ BAD_INPUT = [
     ),
     ("nginx", {"nginx_tls_protocols": ["TLSv1"]}, "nginx_tls_protocols must be one or more of: TLSv1.2, TLSv1.3"),
     ("certbot", {"certbot_mode": "manual"}, "certbot_mode must be one of: acme, selfsigned, provided"),
+    ("firewall", {"firewall_host_rules": [{"port": 22, "proto": "sctp"}]}, "proto must be one of: tcp, udp"),
     ("base", {"base_sysctl_apply": "maybe"}, "argument 'base_sysctl_apply' is of type str"),
 ]
 
