@@ -31,6 +31,8 @@ BAD_INPUT = [
     ("nginx", {"nginx_tls_protocols": ["TLSv1"]}, "nginx_tls_protocols must be one or more of: TLSv1.2, TLSv1.3"),
     ("certbot", {"certbot_mode": "manual"}, "certbot_mode must be one of: acme, selfsigned, provided"),
     ("firewall", {"firewall_host_rules": [{"port": 22, "proto": "sctp"}]}, "proto must be one of: tcp, udp"),
+    ("luks", {"luks_volumes": [{"name": "data", "device": "/dev/sdb"}]}, "missing required arguments: mount_point"),
+    ("luks", {"luks_pbkdf": "md5"}, "luks_pbkdf must be one of: argon2id, argon2i, pbkdf2"),
     ("base", {"base_sysctl_apply": "maybe"}, "argument 'base_sysctl_apply' is of type str"),
 ]
 
@@ -52,7 +54,12 @@ def run_role(tmp_path: Path, role: str, variables: dict[str, object]) -> subproc
             ]
         )
     )
-    env = {**os.environ, "ANSIBLE_ROLES_PATH": str(REPO / "roles"), "ANSIBLE_NOCOLOR": "1"}
+    env = {
+        "ANSIBLE_COLLECTIONS_PATH": str(REPO / "collections"),
+        **os.environ,
+        "ANSIBLE_ROLES_PATH": str(REPO / "roles"),
+        "ANSIBLE_NOCOLOR": "1",
+    }
     return subprocess.run(
         [
             str(Path(sys.executable).with_name("ansible-playbook")),
