@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import typing
 from datetime import UTC, datetime
@@ -55,18 +56,22 @@ def main(argv: list[str] | None = None) -> int:
 
     keys = commands.add_parser("keys", help="manage API keys")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
-    for sub in ("create", "list", "revoke"):
-        p = keys_commands.add_parser(
-            sub,
-            help={
-                "create": "create a key and print it (shown once)",
-                "list": "list keys (never the keys themselves)",
-                "revoke": "revoke a key by id or name",
-            }[sub],
-        )
-        p.add_argument("--keys-db", type=Path, default=None, help="SQLite key database (env PLI_KEYS_DB)")
-        if sub == "create":
+    keys_help = {
+        "create": "create a key and print it (shown once)",
+        "generate": "print a new key without storing it (to keep in a vault; deploy it with import-hash)",
+        "import-hash": "store a key known only by its id and SHA-256 hash (deployment from a vault)",
+        "list": "list keys (never the keys themselves)",
+        "revoke": "revoke a key by id or name",
+    }
+    for sub, help_text in keys_help.items():
+        p = keys_commands.add_parser(sub, help=help_text)
+        if sub != "generate":
+            p.add_argument("--keys-db", type=Path, default=None, help="SQLite key database (env PLI_KEYS_DB)")
+        if sub in ("create", "import-hash"):
             p.add_argument("--name", required=True, help="who or what the key is for")
+        if sub == "import-hash":
+            p.add_argument("--key-id", required=True, help="the part between sk-pli- and _ in the key")
+            p.add_argument("--hash", dest="key_hash", required=True, help="SHA-256 of the whole key, hex")
         if sub == "revoke":
             p.add_argument("key", help="key id or name")
 
@@ -76,12 +81,21 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_server(_settings(args))
 
-    from app.auth import KeyStore
+    from app.auth import KeyStore, generate_key
 
+    if args.keys_command == "generate":
+        print(generate_key())
+        return 0
     db = args.keys_db or Settings().keys_db
     store = KeyStore(db)
     if args.keys_command == "create":
         print(store.create(args.name))
+        return 0
+    if args.keys_command == "import-hash":
+        if not re.fullmatch(r"[0-9a-f]{64}", args.key_hash) or not re.fullmatch(r"[0-9A-Za-z-]+", args.key_id):
+            print("error: --hash must be 64 lowercase hex digits and --key-id letters, digits or -", file=sys.stderr)
+            return 2
+        print("added" if store.import_hash(args.name, args.key_id, args.key_hash) else "present")
         return 0
     if args.keys_command == "list":
         for record in store.list():

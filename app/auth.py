@@ -42,6 +42,10 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def generate_key() -> str:
+    return f"{KEY_PREFIX}{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}"
+
+
 def _split(key: str) -> tuple[str, str] | None:
     if not key.startswith(KEY_PREFIX):
         return None
@@ -82,8 +86,8 @@ class KeyStore:
 
     def create(self, name: str) -> str:
         """Create a key and return it; this is the only time the plain key exists."""
-        key_id = secrets.token_hex(6)
-        key = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
+        key = generate_key()
+        key_id = key[len(KEY_PREFIX) :].partition("_")[0]
         with self._connect() as db:
             db.execute(
                 "INSERT INTO api_keys VALUES (?, ?, ?, ?, NULL)", (key_id, name, hash_key(key), int(time.time()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import signal
 import threading
 import time
@@ -11,7 +12,25 @@ import httpx
 import openai
 import pytest
 
+from app.auth import KeyStore
 from tests.app.conftest import MODEL, free_port, run_cli, start_server
+
+
+def test_keys_cli_imports_a_vault_key_by_hash(tmp_path: Path) -> None:
+    db = tmp_path / "keys.db"
+    key = run_cli("keys", "generate").stdout.strip()
+    assert key.startswith("sk-pli-")
+    assert not db.exists()  # generate stores nothing
+    key_id = key.removeprefix("sk-pli-").partition("_")[0]
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    args = ("keys", "import-hash", "--name", "tenant-a", "--key-id", key_id, "--hash", digest, "--keys-db", str(db))
+    assert run_cli(*args).stdout.strip() == "added"
+    assert run_cli(*args).stdout.strip() == "present"
+    assert "tenant-a" in run_cli("keys", "list", "--keys-db", str(db)).stdout
+    assert KeyStore(db).verify(key) is not None
+    bad = run_cli("keys", "import-hash", "--name", "x", "--key-id", key_id, "--hash", "not-hex", "--keys-db", str(db))
+    assert bad.returncode == 2
+    assert "64 lowercase hex digits" in bad.stderr
 
 
 def test_keys_cli_create_list_revoke(tmp_path: Path) -> None:
