@@ -1,4 +1,4 @@
-"""Command line: `python -m app serve ...` and `python -m app keys create|list|revoke ...`."""
+"""Command line: `python -m app serve|check-config ...` and `python -m app keys ...`."""
 
 from __future__ import annotations
 
@@ -53,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         "--config-file, in that order of precedence.",
     )
     _add_settings_options(serve)
+    check = commands.add_parser(
+        "check-config",
+        help="validate settings (flags, environment, --config-file) without starting",
+        description="Exit 0 when the settings are valid, 2 with one line per problem otherwise.",
+    )
+    _add_settings_options(check)
 
     keys = commands.add_parser("keys", help="manage API keys")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
@@ -76,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("key", help="key id or name")
 
     args = parser.parse_args(argv)
+    if args.command == "check-config":
+        _settings(args)
+        print("settings are valid")
+        return 0
     if args.command == "serve":
         from app.server import serve as run_server
 

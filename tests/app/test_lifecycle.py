@@ -33,6 +33,18 @@ def test_keys_cli_imports_a_vault_key_by_hash(tmp_path: Path) -> None:
     assert "64 lowercase hex digits" in bad.stderr
 
 
+def test_check_config_validates_a_config_file(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text("port: 8123\nmax_batch_size: 4\n")
+    assert run_cli("check-config", "--config-file", str(good)).returncode == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("port: 70000\nmax_batch_sise: 4\n")
+    result = run_cli("check-config", "--config-file", str(bad))
+    assert result.returncode == 2
+    assert "port" in result.stderr
+    assert "max_batch_sise" in result.stderr
+
+
 def test_keys_cli_create_list_revoke(tmp_path: Path) -> None:
     db = tmp_path / "keys.db"
     created = run_cli("keys", "create", "--name", "alice", "--keys-db", str(db))
