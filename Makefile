@@ -18,10 +18,16 @@ ROLES := $(sort $(patsubst roles/%/molecule/default/molecule.yml,%,$(wildcard ro
 SCENARIOS := $(sort $(patsubst molecule/%/molecule.yml,%,$(wildcard molecule/*/molecule.yml)))
 
 # molecule-<role> stays out of .PHONY: make skips pattern rules for phony targets.
-.PHONY: help setup venv collections docker image lint unit molecule test lock bench clean
+.PHONY: help up down setup venv collections docker image lint unit molecule scenarios test lock bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+up: setup ## deploy the whole stack onto a local container and print its URL, a key and a real answer
+	scripts/local-up
+
+down: ## remove the `make up` container
+	scripts/local-down
 
 setup: venv collections image ## virtual environment, pinned tools, collections and the test image
 

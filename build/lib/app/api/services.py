@@ -1,0 +1,38 @@
+"""What request handlers depend on, built once per app and handed out through FastAPI dependencies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fastapi import Request
+
+from app.auth import KeyStore
+from app.engine import Engine
+from app.metrics import Metrics
+from app.settings import Settings
+
+
+@dataclass
+class Services:
+    settings: Settings
+    metrics: Metrics
+    keys: KeyStore | None
+    engine: Engine | None = None
+    load_error: str | None = None
+    draining: bool = False
+    in_flight: int = field(default=0)
+
+    def state(self) -> str:
+        """ready, loading, draining or failed: what /ready reports and what gates generation."""
+        if self.draining:
+            return "draining"
+        if self.load_error is not None or (self.engine is not None and self.engine.failure() is not None):
+            return "failed"
+        if self.engine is None or not self.engine.is_ready():
+            return "loading"
+        return "ready"
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services

@@ -1,0 +1,122 @@
+"""Run the app under uvicorn with a draining SIGTERM: /ready turns 503, new API requests get 503,
+in-flight ones finish (up to drain_timeout_s), then the process exits 0."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from types import FrameType
+
+import uvicorn
+
+from app.api.app import create_app
+from app.api.services import Services
+from app.auth import KeyStore
+from app.engine import Engine
+from app.engine.loader import load_model
+from app.engine.transformers_engine import TransformersEngine
+from app.metrics import Metrics
+from app.settings import Settings
+
+
+class _JSONFormatter(logging.Formatter):
+    """One JSON object per line; structured fields come from `extra={"fields": {...}}`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, object] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JSONFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers = [handler]
+        logging.getLogger(name).propagate = False
+    # Our middleware writes the access log (without query strings or bodies).
+    logging.getLogger("uvicorn.access").disabled = True
+
+
+def build_engine(services: Services) -> Engine:
+    settings = services.settings
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    loaded = load_model(
+        settings.model_path,
+        cache_dir=settings.model_cache_dir,
+        device=settings.device,
+        dtype=settings.dtype,
+        name=settings.served_model_name,
+    )
+    return TransformersEngine(
+        loaded,
+        services.metrics,
+        max_batch_size=settings.max_batch_size,
+        max_queued_requests=settings.max_queued_requests,
+        context_length=settings.max_model_len,
+    )
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, services: Services) -> None:
+        super().__init__(config)
+        self.services = services
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig != signal.SIGTERM or self.services.draining:
+            super().handle_exit(sig, frame)
+            return
+        self.services.draining = True
+        logging.getLogger("app").info("draining", extra={"fields": {"in_flight": self.services.in_flight}})
+        threading.Thread(target=self._drain_then_exit, name="drain", daemon=True).start()
+
+    def _drain_then_exit(self) -> None:
+        deadline = time.monotonic() + self.services.settings.drain_timeout_s
+        while self.services.in_flight > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        logging.getLogger("app").info("drained", extra={"fields": {"left": self.services.in_flight}})
+        # Not recorded as a captured signal: uvicorn would re-raise SIGTERM after shutdown and exit 143.
+        self.should_exit = True
+
+
+def serve(settings: Settings) -> int:
+    configure_logging(settings.log_level)
+    keys: KeyStore | None = None
+    if not settings.insecure_no_auth:
+        keys = KeyStore(settings.keys_db)
+        if keys.active_count() == 0:
+            logging.getLogger("app").error(
+                "refusing to start: no API key in %s: create one with "
+                "'python -m app keys create --name NAME --keys-db %s', "
+                "or start with --insecure-no-auth for local development",
+                settings.keys_db,
+                settings.keys_db,
+            )
+            return 2
+    services = Services(settings=settings, metrics=Metrics(), keys=keys)
+    app = create_app(services, build_engine)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
+    )
+    DrainingServer(config, services).run()
+    return 0

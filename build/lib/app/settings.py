@@ -1,0 +1,91 @@
+"""Service settings: environment variables (PLI_*), an optional YAML/JSON config file, then CLI flags."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PLI_", extra="forbid")
+
+    # Where settings come from: environment first, then this file (the Ansible role templates it).
+    config_file: Path | None = Field(default=None, description="YAML or JSON file with any of these settings")
+
+    host: str = Field(default="127.0.0.1", description="address to listen on")
+    port: int = Field(default=8000, ge=1, le=65535, description="port to listen on")
+
+    model_path: str = Field(default="", description="HF folder or .gguf file; empty serves the embedded default")
+    served_model_name: str | None = Field(default=None, description="model id clients send; defaults from the path")
+    model_cache_dir: Path = Field(
+        default=Path.home() / ".cache" / "private-llm" / "models",
+        description="where converted GGUF models are cached",
+    )
+    engine: Literal["transformers"] = Field(default="transformers", description="engine backend")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    max_batch_size: int = Field(default=16, ge=1, le=1024, description="sequences decoded together")
+    max_queued_requests: int = Field(default=64, ge=0, description="waiting requests before 429")
+    max_tokens_default: int = Field(default=512, ge=1, description="max_tokens when a request gives none")
+    max_model_len: int | None = Field(default=None, ge=16, description="context limit (defaults to the model's)")
+    torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch")
+
+    keys_db: Path = Field(default=Path("keys.db"), description="SQLite database of API key hashes")
+    insecure_no_auth: bool = Field(default=False, description="serve without API keys (local development only)")
+
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="largest accepted request body")
+    drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM: time allowed for in-flight requests")
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 429 queue-full answers")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _check_paths(self) -> Settings:
+        if self.model_path and not Path(self.model_path).exists():
+            raise ValueError(f"model_path {self.model_path} does not exist")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _ConfigFileSource(settings_cls, init_settings, env_settings)
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    """Reads the file named by config_file (given on the command line or as PLI_CONFIG_FILE)."""
+
+    def __init__(
+        self,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+    ) -> None:
+        super().__init__(settings_cls)
+        self._init = init_settings
+        self._env = env_settings
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = self._init().get("config_file") or self._env().get("config_file")
+        if not path:
+            return {}
+        text = Path(path).read_text(encoding="utf-8")
+        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of settings")
+        return {key.replace("-", "_"): value for key, value in data.items()}
