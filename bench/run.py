@@ -164,27 +164,37 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--servers", nargs="+", default=["baseline", "transformers"])
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 32])
-    parser.add_argument("--requests-per-level", type=int, default=0, help="default: 2 x concurrency, at least 4")
+    parser.add_argument("--requests-per-level", type=int, default=0, help="default: 2 x concurrency, at least 8")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument(
+        "--no-readme",
+        action="store_true",
+        help="a trial run: leave bench/README.md and results/latest.json alone, write results/trial.json",
+    )
     args = parser.parse_args()
     workdir = ROOT / "bench" / "results"
     workdir.mkdir(exist_ok=True)
-    results: dict[str, list[dict[str, Any]]] = {}
-    for offset, kind in enumerate(args.servers):
-        process, key = start(kind, 8201 + offset, workdir)
-        try:
-            rows = []
-            for c in args.concurrency:
-                n = args.requests_per_level or max(4, 2 * c)
-                row = asyncio.run(level(f"http://127.0.0.1:{8201 + offset}", key, c, n, args.max_tokens))
+    results: dict[str, list[dict[str, Any]]] = {kind: [] for kind in args.servers}
+    # Every server is up for the whole run and the servers take turns at each level, so a slow patch of a
+    # shared machine hits all of them rather than whichever happened to run then. Idle servers cost nothing.
+    servers: dict[str, tuple[subprocess.Popen[bytes], str, str]] = {}
+    try:
+        for offset, kind in enumerate(args.servers):
+            process, key = start(kind, 8201 + offset, workdir)
+            servers[kind] = (process, key, f"http://127.0.0.1:{8201 + offset}")
+        for c in args.concurrency:
+            n = args.requests_per_level or max(8, 2 * c)
+            for kind, (_, key, url) in servers.items():
+                row = asyncio.run(level(url, key, c, n, args.max_tokens))
                 print(json.dumps({"server": kind, **row}), flush=True)
-                rows.append(row)
-            results[kind] = rows
-        finally:
+                results[kind].append(row)
+    finally:
+        for process, _, _ in servers.values():
             process.terminate()
+        for process, _, _ in servers.values():
             process.wait(60)
-    (workdir / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
+    output = workdir / ("trial.json" if args.no_readme else "latest.json")
+    output.write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
     print(table)
     readme = ROOT / "bench" / "README.md"

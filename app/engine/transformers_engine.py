@@ -6,13 +6,15 @@ the OpenAI API) cannot be honoured, and measured as-is it reached 79 tokens/s at
 one stream on 2 CPU cores (under the 5x target). Here every request keeps its own sampler and stop strings,
 joins the running batch at the next token boundary and leaves it the moment it finishes or its client goes.
 
-The running batch shares one left-padded KV cache per layer. It is rebuilt only when membership changes
-(a request joins or leaves); between those events each decode step appends one position for every row.
+The running batch shares one left-padded KV cache (one DynamicCache object). It is rebuilt only when
+membership changes (a request joins or leaves); between those events each decode step appends one position
+for every row to the same object, as `generate` does, so a batch of one costs what `generate` costs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import secrets
 import threading
@@ -20,8 +22,10 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
+from transformers import DynamicCache, DynamicLayer
 
 from app.engine import (
     EngineUnavailableError,
@@ -85,7 +89,12 @@ class TransformersEngine:
         self._prefixes = _PrefixCache(capacity=prefix_cache_entries)
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
-        self._cache: KVCache = []
+        self._cache: DynamicCache | None = None
+        # Prefill only needs the last position's logits; computing the rest costs a vocab-sized matmul per
+        # prompt token. Older model classes lack the argument.
+        self._prefill_kwargs: dict[str, int] = (
+            {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self._model.forward).parameters else {}
+        )
         self._mask = torch.zeros((0, 0), dtype=torch.long, device=self._device)
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
@@ -204,8 +213,6 @@ class TransformersEngine:
             self._prefill(seq)
 
     def _prefill(self, seq: _Sequence) -> None:
-        from transformers import DynamicCache
-
         reused, past = self._prefixes.lookup(seq.prompt_ids)
         # At least the last prompt token goes through the model: its logits give the first new token.
         reused = min(reused, len(seq.prompt_ids) - 1)
@@ -215,8 +222,8 @@ class TransformersEngine:
                 ddp_cache_data=[(k[:, :, :reused], v[:, :, :reused]) for k, v in past], config=self._model.config
             )
         ids = torch.tensor([seq.prompt_ids[reused:]], dtype=torch.long, device=self._device)
-        out = self._model(input_ids=ids, past_key_values=past_cache, use_cache=True)
-        cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        out = self._model(input_ids=ids, past_key_values=past_cache, use_cache=True, **self._prefill_kwargs)
+        cache = _layers(out.past_key_values)
         self._prefixes.store(seq.prompt_ids, cache)
         seq.length = len(seq.prompt_ids)
         self._metrics.prompt_tokens.inc(seq.length)
@@ -226,21 +233,22 @@ class TransformersEngine:
 
     def _join(self, seq: _Sequence, cache: KVCache) -> None:
         new_len = cache[0][0].shape[-2]
-        if not self._running:
-            self._cache = cache
+        if self._cache is None or not self._running:
+            self._cache = self._dynamic(cache)
             self._mask = torch.ones((1, new_len), dtype=torch.long, device=self._device)
         else:
-            old_len = self._cache[0][0].shape[-2]
+            running = _layers(self._cache)
+            old_len = running[0][0].shape[-2]
             width = max(old_len, new_len)
             merged: KVCache = []
-            for (k_old, v_old), (k_new, v_new) in zip(self._cache, cache, strict=True):
+            for (k_old, v_old), (k_new, v_new) in zip(running, cache, strict=True):
                 merged.append(
                     (
                         torch.cat([_left_pad(k_old, width), _left_pad(k_new, width)], dim=0),
                         torch.cat([_left_pad(v_old, width), _left_pad(v_new, width)], dim=0),
                     )
                 )
-            self._cache = merged
+            self._cache = self._dynamic(merged)
             new_mask = torch.ones((1, new_len), dtype=torch.long, device=self._device)
             self._mask = torch.cat([_left_pad(self._mask, width), _left_pad(new_mask, width)], dim=0)
         self._running.append(seq)
@@ -249,32 +257,39 @@ class TransformersEngine:
     def _select_rows(self, keep: list[int]) -> None:
         self._running = [self._running[i] for i in keep]
         self._metrics.running.set(len(self._running))
-        if not keep:
-            self._cache, self._mask = [], self._mask[:0]
+        if not keep or self._cache is None:
+            self._cache, self._mask = None, self._mask[:0]
             return
         index = torch.tensor(keep, dtype=torch.long, device=self._device)
         mask = self._mask.index_select(0, index)
         # Columns that are padding for every remaining row only cost compute: drop them.
         first_used = int((mask.sum(dim=0) > 0).nonzero()[0].item())
         self._mask = mask[:, first_used:]
-        self._cache = [
-            (k.index_select(0, index)[:, :, first_used:], v.index_select(0, index)[:, :, first_used:])
-            for k, v in self._cache
-        ]
+        self._cache = self._dynamic(
+            [
+                (k.index_select(0, index)[:, :, first_used:], v.index_select(0, index)[:, :, first_used:])
+                for k, v in _layers(self._cache)
+            ]
+        )
+
+    def _dynamic(self, layers: KVCache) -> DynamicCache:
+        return DynamicCache(ddp_cache_data=layers, config=self._model.config)
 
     def _decode_step(self) -> None:
-        from transformers import DynamicCache
-
         batch = self._running
         self._metrics.batch_size.observe(len(batch))
         input_ids = torch.tensor([[seq.next_input] for seq in batch], dtype=torch.long, device=self._device)
         positions = torch.tensor([[seq.length] for seq in batch], dtype=torch.long, device=self._device)
         mask = torch.cat([self._mask, torch.ones((len(batch), 1), dtype=torch.long, device=self._device)], dim=1)
-        cache = DynamicCache(ddp_cache_data=self._cache, config=self._model.config)
+        # The cache object grows in place: layers get new tensors by concatenation, never writes into old
+        # ones, so prompt caches kept in the prefix cache stay intact.
         out = self._model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=self._cache,
+            use_cache=True,
         )
-        self._cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         self._mask = mask
         for seq in batch:
             seq.length += 1
@@ -387,6 +402,16 @@ class _PrefixCache:
         self._entries.move_to_end(key)
         while len(self._entries) > self._capacity:
             self._entries.popitem(last=False)
+
+
+def _layers(cache: DynamicCache) -> KVCache:
+    # Attention-only models: batching pads K/V along the sequence axis, which recurrent-state layers lack.
+    layers: KVCache = []
+    for layer in cast(list[DynamicLayer], cache.layers):
+        if layer.keys is None or layer.values is None:
+            raise RuntimeError("a KV cache layer was never filled")
+        layers.append((layer.keys, layer.values))
+    return layers
 
 
 def _shared_prefix_length(a: tuple[int, ...], b: list[int]) -> int:
