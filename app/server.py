@@ -50,12 +50,46 @@ def configure_logging(level: str) -> None:
     logging.getLogger("uvicorn.access").disabled = True
 
 
+def chosen_engine(settings: Settings) -> str:
+    if settings.engine != "auto":
+        return settings.engine
+    from app.engine.vllm_engine import vllm_available
+
+    if settings.device == "cpu" or not vllm_available():
+        return "transformers"
+    import torch
+
+    return "vllm" if torch.cuda.is_available() else "transformers"
+
+
 def build_engine(services: Services) -> Engine:
     settings = services.settings
     if settings.torch_threads:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
+    engine = chosen_engine(settings)
+    logging.getLogger("app").info("loading model", extra={"fields": {"engine": engine}})
+    if engine == "vllm":
+        from app.engine.vllm_engine import VLLMEngine, VLLMOptions
+
+        return VLLMEngine(
+            VLLMOptions(
+                model_path=settings.model_path,
+                cache_dir=settings.model_cache_dir,
+                served_model_name=settings.served_model_name,
+                dtype=settings.dtype,
+                max_model_len=settings.max_model_len,
+                max_num_seqs=settings.max_batch_size,
+                max_queued_requests=settings.max_queued_requests,
+                gpu_memory_utilization=settings.gpu_memory_utilization,
+                tensor_parallel_size=settings.tensor_parallel_size,
+                enable_prefix_caching=settings.enable_prefix_caching,
+                cpu_kv_cache_gib=settings.cpu_kv_cache_gib,
+            ),
+            services.metrics,
+        )
+
     loaded = load_model(
         settings.model_path,
         cache_dir=settings.model_cache_dir,

@@ -26,7 +26,10 @@ class Settings(BaseSettings):
         default=Path.home() / ".cache" / "private-llm" / "models",
         description="where converted GGUF models are cached",
     )
-    engine: Literal["transformers"] = Field(default="transformers", description="engine backend")
+    engine: Literal["auto", "transformers", "vllm"] = Field(
+        default="auto",
+        description="engine backend; auto: vllm when it is installed and a GPU is present, else transformers",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
@@ -35,6 +38,12 @@ class Settings(BaseSettings):
     max_tokens_default: int = Field(default=512, ge=1, description="max_tokens when a request gives none")
     max_model_len: int | None = Field(default=None, ge=16, description="context limit (defaults to the model's)")
     torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch")
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="vllm: fraction of GPU memory for weights and KV cache"
+    )
+    tensor_parallel_size: int = Field(default=1, ge=1, description="vllm: GPUs one model is split across")
+    enable_prefix_caching: bool = Field(default=True, description="vllm: reuse KV blocks of shared prompt prefixes")
+    cpu_kv_cache_gib: int = Field(default=4, ge=1, description="vllm on CPU: KV cache size in GiB")
 
     keys_db: Path = Field(default=Path("keys.db"), description="SQLite database of API key hashes")
     insecure_no_auth: bool = Field(default=False, description="serve without API keys (local development only)")

@@ -107,25 +107,57 @@ def wait_ready(url: str, path: str, process: subprocess.Popen[bytes], timeout: f
     raise RuntimeError(f"{url} not ready")
 
 
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+# vLLM on CPU keeps one core for itself by default; on a 2-core machine it gets both, like the others.
+VLLM_ENV = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_NO_USAGE_STATS": "1"}
+
+
 def start(kind: str, port: int, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     log = (workdir / f"{kind}.log").open("wb")
     if kind == "baseline":
         cmd = [sys.executable, str(ROOT / "bench" / "baseline_server.py"), "--port", str(port)]
-        key = "unused"
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         wait_ready(f"http://127.0.0.1:{port}", "/v1/chat/completions", process)
-        return process, key
-    # The key database stays out of the repository: a temporary directory per run.
+        return process, "unused"
+    if kind == "vllm-serve":
+        # Plain `vllm serve` on the same model folder the app serves (the embedded model, converted once).
+        from app.engine.loader import resolve_model_folder
+        from app.settings import Settings
+
+        folder, name = resolve_model_folder("", cache_dir=Settings().model_cache_dir)
+        cmd = [
+            str(VLLM_PYTHON),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(folder),
+            "--served-model-name",
+            name,
+            "--dtype",
+            "float32",
+            "--max-num-seqs",
+            "32",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**env, **VLLM_ENV}, cwd=ROOT)
+        wait_ready(f"http://127.0.0.1:{port}", "/health", process)
+        return process, "unused"
+    # The app, with either backend. The key database stays out of the repository: a temporary directory.
+    python = str(VLLM_PYTHON) if kind == "vllm" else sys.executable
     keys_db = Path(tempfile.mkdtemp(prefix="pli-bench-")) / "keys.db"
     key = subprocess.run(
-        [sys.executable, "-m", "app", "keys", "create", "--name", "bench", "--keys-db", str(keys_db)],
+        [python, "-m", "app", "keys", "create", "--name", "bench", "--keys-db", str(keys_db)],
         capture_output=True,
         text=True,
         check=True,
+        cwd=ROOT,
     ).stdout.strip()
     cmd = [
-        sys.executable,
+        python,
         "-m",
         "app",
         "serve",
@@ -133,6 +165,8 @@ def start(kind: str, port: int, workdir: Path) -> tuple[subprocess.Popen[bytes],
         str(port),
         "--keys-db",
         str(keys_db),
+        "--engine",
+        kind,
         "--max-batch-size",
         "32",
         "--max-queued-requests",
@@ -140,7 +174,10 @@ def start(kind: str, port: int, workdir: Path) -> tuple[subprocess.Popen[bytes],
         "--log-level",
         "warning",
     ]
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    extra_env = {**VLLM_ENV} if kind == "vllm" else {}
+    if kind == "vllm":
+        cmd += ["--cpu-kv-cache-gib", VLLM_ENV["VLLM_CPU_KVCACHE_SPACE"]]
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**env, **extra_env}, cwd=ROOT)
     wait_ready(f"http://127.0.0.1:{port}", "/ready", process)
     return process, key
 
@@ -162,7 +199,13 @@ def markdown(results: dict[str, list[dict[str, Any]]]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--servers", nargs="+", default=["baseline", "transformers"])
+    parser.add_argument(
+        "--servers",
+        nargs="+",
+        choices=["baseline", "transformers", "vllm", "vllm-serve"],
+        default=["baseline", "transformers", "vllm", "vllm-serve"],
+        help="vllm and vllm-serve need `make venv-vllm`",
+    )
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16, 32])
     parser.add_argument("--requests-per-level", type=int, default=0, help="default: 2 x concurrency, at least 8")
     parser.add_argument("--max-tokens", type=int, default=64)

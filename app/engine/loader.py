@@ -97,28 +97,29 @@ def convert_gguf_to_folder(gguf_file: Path, destination: Path) -> Path:
     return destination
 
 
+def resolve_model_folder(model_path: str, *, cache_dir: Path, name: str | None = None) -> tuple[Path, str]:
+    """The Hugging Face folder to load (GGUF files converted once into the cache) and the served name."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not model_path:
+        return convert_gguf_to_folder(
+            embedded_gguf_path(), cache_dir / EMBEDDED_MODEL_NAME
+        ), name or EMBEDDED_MODEL_NAME
+    path = Path(model_path)
+    if not path.exists():
+        raise ModelLoadError(f"model path does not exist: {path}")
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf_to_folder(path, cache_dir / path.stem), name or path.stem
+    if path.is_dir() and (path / "config.json").is_file():
+        return path, name or path.stem
+    raise ModelLoadError(f"{path} is neither a Hugging Face model folder (config.json) nor a .gguf file")
+
+
 def load_model(model_path: str, *, cache_dir: Path, device: str, dtype: str, name: str | None = None) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype, target_device)
-
-    if not model_path:
-        folder = convert_gguf_to_folder(embedded_gguf_path(), cache_dir / EMBEDDED_MODEL_NAME)
-        served_name = name or EMBEDDED_MODEL_NAME
-    else:
-        path = Path(model_path)
-        if not path.exists():
-            raise ModelLoadError(f"model path does not exist: {path}")
-        if path.is_file() and path.suffix == ".gguf":
-            folder = convert_gguf_to_folder(path, cache_dir / path.stem)
-        elif path.is_dir() and (path / "config.json").is_file():
-            folder = path
-        else:
-            raise ModelLoadError(f"{path} is neither a Hugging Face model folder (config.json) nor a .gguf file")
-        served_name = name or path.stem
-
+    folder, served_name = resolve_model_folder(model_path, cache_dir=cache_dir, name=name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=target_dtype, attn_implementation="sdpa")

@@ -1,4 +1,8 @@
-"""A real server process on 127.0.0.1 with the real embedded model, started once per test session."""
+"""A real server process on 127.0.0.1 with the real embedded model, started once per test session.
+
+PLI_TEST_ENGINE picks the engine backend the whole API suite runs against: `transformers` (default,
+`make unit`) or `vllm` (`make unit-vllm`, from the vLLM environment). The tests are the same for both.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,16 @@ import openai
 import pytest
 
 MODEL = "smollm2-135m-instruct"
-READY_TIMEOUT_S = 300  # first run converts the embedded GGUF model (~30 s on 2 cores)
+ENGINE = os.environ.get("PLI_TEST_ENGINE", "transformers")
+# First run converts the embedded GGUF model (~30 s on 2 cores); vLLM on CPU compiles for ~2 minutes.
+READY_TIMEOUT_S = 600 if ENGINE == "vllm" else 300
+ENGINE_OPTIONS: dict[str, list[str]] = {
+    "transformers": ["--engine", "transformers"],
+    # A small KV cache: the suite runs two servers side by side on a 24 GiB machine.
+    "vllm": ["--engine", "vllm", "--cpu-kv-cache-gib", "1"],
+}
+# vLLM on CPU keeps one core for itself by default; on small test machines it gets them all.
+ENGINE_ENV: dict[str, dict[str, str]] = {"transformers": {}, "vllm": {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}}
 
 
 @dataclass
@@ -58,7 +71,7 @@ def start_server(tmp: Path, *extra: str) -> Server:
     assert created.returncode == 0, created.stderr
     port = free_port()
     log = tmp / f"server-{port}.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **ENGINE_ENV[ENGINE]}
     process = subprocess.Popen(
         [
             sys.executable,
@@ -71,6 +84,7 @@ def start_server(tmp: Path, *extra: str) -> Server:
             str(port),
             "--keys-db",
             str(keys_db),
+            *ENGINE_OPTIONS[ENGINE],
             *extra,
         ],
         stdout=log.open("wb"),
