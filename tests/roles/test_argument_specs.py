@@ -34,6 +34,7 @@ BAD_INPUT = [
     ("luks", {"luks_volumes": [{"name": "data", "device": "/dev/sdb"}]}, "missing required arguments: mount_point"),
     ("luks", {"luks_pbkdf": "md5"}, "luks_pbkdf must be one of: argon2id, argon2i, pbkdf2"),
     ("base", {"base_sysctl_apply": "maybe"}, "argument 'base_sysctl_apply' is of type str"),
+    ("inference_app", {"inference_app_runtime": "podman"}, "inference_app_runtime must be one of: systemd, docker"),
 ]
 
 
