@@ -78,7 +78,7 @@ unit: venv ## pytest for app/ against a real server and the real embedded model
 unit-vllm: venv-vllm ## the same API suite against the vLLM backend (CPU build)
 	PLI_TEST_ENGINE=vllm $(VLLM_PY) -m pytest tests/app
 
-molecule: venv collections image $(addprefix molecule-,$(ROLES)) scenarios ## every role's scenario, then the top-level ones
+molecule: venv collections image $(addprefix molecule-,$(ROLES)) scenarios ## every role's scenarios, then the top-level ones
 
 molecule-%: venv collections image
 	cd roles/$* && PLI_INSTANCE=pli-$* molecule test --all
@@ -88,7 +88,7 @@ scenarios: venv collections image $(addprefix scenario-,$(SCENARIOS)) ## the mul
 scenario-%: venv collections image
 	molecule test -s $*
 
-test: ## everything CI runs: setup, lint, unit, molecule (with stage durations)
+test: ## everything CI runs: setup, lint, unit, unit-vllm, molecule (with stage durations)
 	scripts/run-stages setup lint unit unit-vllm molecule
 
 lock: ## re-resolve requirements/dev.in into requirements/dev.txt
