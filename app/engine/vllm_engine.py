@@ -14,6 +14,7 @@ import logging
 import os
 import secrets
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,11 @@ log = logging.getLogger(__name__)
 # Read by vLLM at import time.
 os.environ["VLLM_NO_USAGE_STATS"] = "1"
 os.environ["DO_NOT_TRACK"] = "1"
+
+
+@dataclass
+class _Admission:
+    started: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,14 +142,30 @@ class VLLMEngine:
             raise QueueFullError(f"{waiting} requests are already waiting")
         self._active += 1
         self._update_gauges()
-        return self._stream(prompt_ids, params)
+        admission = _Admission()
+        stream = self._stream(prompt_ids, params, admission)
+        # A stream that is never iterated (client gone before the response started) never runs its
+        # `finally`: give its place back when the stream object goes away.
+        weakref.finalize(stream, self._release_unstarted, admission)
+        return stream
+
+    def _release(self) -> None:
+        self._active -= 1
+        self._update_gauges()
+
+    def _release_unstarted(self, admission: _Admission) -> None:
+        if not admission.started:
+            self._release()
 
     def _update_gauges(self) -> None:
         # Our own count, so a cancelled request leaves the gauges at once (vLLM reports on its next step).
         self._metrics.running.set(min(self._active, self._max_running))
         self._metrics.waiting.set(max(0, self._active - self._max_running))
 
-    async def _stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationChunk]:
+    async def _stream(
+        self, prompt_ids: list[int], params: SamplingParams, admission: _Admission
+    ) -> AsyncIterator[GenerationChunk]:
+        admission.started = True
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -198,8 +220,7 @@ class VLLMEngine:
             finished = True  # nothing left to abort
             yield GenerationChunk(text="", error=self._failed or f"engine error: {type(exc).__name__}")
         finally:
-            self._active -= 1
-            self._update_gauges()
+            self._release()
             if not finished:
                 # Client gone or consumer stopped early: free the sequence's slot and KV blocks now. A task,
                 # because a generator being closed may not await.
