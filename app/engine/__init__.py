@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 FinishReason = Literal["stop", "length"]
 
@@ -39,6 +39,22 @@ class GenerationChunk:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+
+
+class HFTokenization:
+    """Prompt encoding shared by the backends: both hold a Hugging Face tokenizer (vLLM's wraps one)."""
+
+    _tokenizer: Any
+
+    def has_chat_template(self) -> bool:
+        return getattr(self._tokenizer, "chat_template", None) is not None
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return list(self._tokenizer(prompt)["input_ids"])
 
 
 class Engine(Protocol):

@@ -30,6 +30,7 @@ from transformers import DynamicCache, DynamicLayer
 from app.engine import (
     EngineUnavailableError,
     GenerationChunk,
+    HFTokenization,
     QueueFullError,
     SamplingParams,
 )
@@ -61,7 +62,7 @@ class _Sequence:
         self.loop.call_soon_threadsafe(self.outputs.put_nowait, chunk)
 
 
-class TransformersEngine:
+class TransformersEngine(HFTokenization):
     def __init__(
         self,
         loaded: LoadedModel,
@@ -102,17 +103,6 @@ class TransformersEngine:
         self._thread: threading.Thread | None = None
         self._failed: str | None = None
         self._warm = False
-
-    # --- tokenisation --------------------------------------------------------------------------------
-    def has_chat_template(self) -> bool:
-        return self._tokenizer.chat_template is not None
-
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def encode_prompt(self, prompt: str) -> list[int]:
-        return list(self._tokenizer(prompt)["input_ids"])
 
     # --- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.engine import EngineUnavailableError, GenerationChunk, QueueFullError, SamplingParams
+from app.engine import EngineUnavailableError, GenerationChunk, HFTokenization, QueueFullError, SamplingParams
 from app.engine.loader import ModelLoadError, resolve_model_folder
 from app.metrics import Metrics
 
@@ -69,7 +69,7 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-class VLLMEngine:
+class VLLMEngine(HFTokenization):
     def __init__(self, options: VLLMOptions, metrics: Metrics) -> None:
         folder, self.model_name = resolve_model_folder(
             options.model_path, cache_dir=options.cache_dir, name=options.served_model_name
@@ -103,17 +103,6 @@ class VLLMEngine:
         self._stopping = False
         self._failed: str | None = None
         self._aborts: set[asyncio.Task[None]] = set()
-
-    # --- tokenisation --------------------------------------------------------------------------------
-    def has_chat_template(self) -> bool:
-        return getattr(self._tokenizer, "chat_template", None) is not None
-
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def encode_prompt(self, prompt: str) -> list[int]:
-        return list(self._tokenizer(prompt)["input_ids"])
 
     # --- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
