@@ -257,6 +257,38 @@ def test_sixteen_concurrent_streams_are_batched(server: Server) -> None:
     assert mean_batch > 4, f"mean decode batch was {mean_batch:.2f}: requests were not batched"
 
 
+def test_answers_given_together_equal_answers_given_alone(server: Server) -> None:
+    """Prompts of different lengths (with and without a system prompt) admitted together are prefilled in
+    one padded pass and decoded in one padded batch: padding, positions and masks must change nothing."""
+    conversations = [
+        [{"role": "user", "content": "Hi"}],
+        QUESTION,
+        [{"role": "system", "content": "Answer in one short sentence."}, *QUESTION],
+        [{"role": "user", "content": "Name three rivers of Europe and the seas they flow into, with their lengths."}],
+        [{"role": "user", "content": "Why is the sky blue?"}],
+        [{"role": "system", "content": "You are a poet."}, {"role": "user", "content": "Write about rain."}],
+    ]
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=server.key, max_retries=0)
+
+    async def answer(messages: list[dict[str, str]]) -> str:
+        reply = await client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=16,
+            temperature=0,
+        )
+        return reply.choices[0].message.content or ""
+
+    async def alone_then_together() -> tuple[list[str], list[str]]:
+        alone = [await answer(messages) for messages in conversations]
+        together = await asyncio.gather(*(answer(messages) for messages in conversations))
+        return alone, list(together)
+
+    alone, together = asyncio.run(asyncio.wait_for(alone_then_together(), timeout=240))
+    assert all(alone)
+    assert together == alone
+
+
 def test_client_disconnect_frees_its_slot(server: Server) -> None:
     # Counting never reaches an end-of-sequence token within 2000 tokens.
     body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 2000, "stream": True}
