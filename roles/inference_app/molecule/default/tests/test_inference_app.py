@@ -1,36 +1,9 @@
-"""Verify the app role: a hardened service with the embedded model, answering through its API."""
+"""Verify the app role (venv runtime): a hardened service and its releases. The API and key checks both
+runtimes share are in ../../shared/test_app_api.py."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
-
-KEY = "sk-pli-moleculetenant_0123456789abcdefghijklmnopqrstuv"
-BASE = "http://127.0.0.1:8000"
-
-
-def chat(host, key: str | None = KEY) -> tuple[int, dict]:
-    auth = f"-H 'Authorization: Bearer {key}'" if key else ""
-    body = json.dumps(
-        {
-            "model": "smollm2-135m-instruct",
-            "messages": [{"role": "user", "content": "What is the capital of France?"}],
-            "max_tokens": 24,
-            "temperature": 0,
-        }
-    )
-    out = host.check_output(
-        f"curl -s -w '\\n%{{http_code}}' -H 'Content-Type: application/json' {auth} -d '{body}' {BASE}/v1/chat/completions"
-    )
-    payload, status = out.rsplit("\n", 1)
-    return int(status), json.loads(payload)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def curl(host):
-    if not host.exists("curl"):
-        host.check_output("apt-get install -y -qq curl >/dev/null")
 
 
 def test_service_runs_as_the_service_user_and_is_enabled(host):
@@ -59,28 +32,6 @@ def test_unit_is_hardened(host, prop, value):
 
 def test_only_the_data_directory_is_writable(host):
     assert "/var/lib/private-llm" in host.check_output("systemctl show -p ReadWritePaths --value private-llm-app")
-
-
-def test_ready_and_answers_with_the_vault_key(host):
-    assert host.check_output(f"curl -s -o /dev/null -w '%{{http_code}}' {BASE}/ready") == "200"
-    status, body = chat(host)
-    assert status == 200, body
-    answer = body["choices"][0]["message"]["content"]
-    assert "Paris" in answer
-
-
-def test_unknown_key_is_refused_with_openai_error(host):
-    status, body = chat(host, key="sk-pli-unknown_0123456789abcdefghijklmnop")
-    assert status == 401
-    assert body["error"]["type"]
-
-
-def test_key_database_holds_only_hashes(host):
-    db = host.file("/var/lib/private-llm/keys.db")
-    assert db.user == "llm"
-    assert db.mode == 0o600
-    assert host.run("grep -c 0123456789abcdefghijklmnopqrstuv /var/lib/private-llm/keys.db").stdout.strip() == "0"
-    assert "0123456789abcdefghijklmnopqrstuv" not in host.check_output("journalctl -o cat --no-pager")
 
 
 def test_release_layout(host):

@@ -1,0 +1,59 @@
+"""The deployed app's API and keys, checked the same way whichever runtime (venv or image) serves it.
+
+Every scenario of the role runs this file through molecule's `additional_files_or_dirs`, after its own
+tests (one of which may restart the service, hence the wait for readiness)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+KEY = "sk-pli-moleculetenant_0123456789abcdefghijklmnopqrstuv"
+KEY_SECRET_PART = "0123456789abcdefghijklmnopqrstuv"
+BASE = "http://127.0.0.1:8000"
+
+
+def chat(host, key: str = KEY) -> tuple[int, dict]:
+    body = json.dumps(
+        {
+            "model": "smollm2-135m-instruct",
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 24,
+            "temperature": 0,
+        }
+    )
+    out = host.check_output(
+        f"curl -s -w '\\n%{{http_code}}' -H 'Content-Type: application/json' -H 'Authorization: Bearer {key}' "
+        f"-d '{body}' {BASE}/v1/chat/completions"
+    )
+    payload, status = out.rsplit("\n", 1)
+    return int(status), json.loads(payload)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def curl(host):
+    if not host.exists("curl"):
+        host.check_output("apt-get install -y -qq curl >/dev/null")
+
+
+def test_ready_and_answers_with_the_vault_key(host):
+    # curl retries 503 (loading) and refused connections (starting) for up to four minutes.
+    host.check_output(f"curl -sf --retry 80 --retry-delay 3 --retry-all-errors -o /dev/null {BASE}/ready")
+    status, body = chat(host)
+    assert status == 200, body
+    assert "Paris" in body["choices"][0]["message"]["content"]
+
+
+def test_unknown_key_is_refused_with_openai_error(host):
+    status, body = chat(host, key="sk-pli-unknown_0123456789abcdefghijklmnop")
+    assert status == 401
+    assert body["error"]["type"]
+
+
+def test_keys_are_stored_as_hashes_owned_by_the_service_user(host):
+    db = host.file("/var/lib/private-llm/keys.db")
+    assert db.user == "llm"
+    assert db.mode == 0o600
+    assert host.run(f"grep -c {KEY_SECRET_PART} /var/lib/private-llm/keys.db").stdout.strip() == "0"
+    assert KEY_SECRET_PART not in host.check_output("journalctl -o cat --no-pager")
