@@ -9,7 +9,8 @@ joins the running batch at the next token boundary and leaves it the moment it f
 The running batch shares one left-padded KV cache. It is rebuilt only when membership changes (a request
 joins or leaves); between those events each decode step writes one new position per row in place, into
 buffers allocated with spare positions, where transformers' DynamicCache would concatenate and so copy the
-whole cache every step (a tenth of a batch-16 step on CPU).
+whole cache every step (a tenth of a batch-16 step on CPU). Requests admitted at the same boundary are
+prefilled together, in padded groups (`_prefill_groups`), since each forward pass reads every weight.
 """
 
 from __future__ import annotations

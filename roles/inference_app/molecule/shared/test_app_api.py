@@ -1,7 +1,7 @@
 """The deployed app's API and keys, checked the same way whichever runtime (venv or image) serves it.
 
-Every scenario of the role runs this file through molecule's `additional_files_or_dirs`, after its own
-tests (one of which may restart the service, hence the wait for readiness)."""
+Every scenario of the role runs this file through molecule's `additional_files_or_dirs` (before its own
+tests, or after a side effect that redeployed, hence the wait for readiness)."""
 
 from __future__ import annotations
 

@@ -79,4 +79,5 @@ def test_stop_drains_and_exits_zero_then_restarts(host):
     assert host.check_output("systemctl show -p ExecMainStatus --value private-llm-app") == "0"
     assert host.run(f"docker inspect {CONTAINER}").rc != 0, "the container is removed with the unit"
     host.check_output("systemctl start private-llm-app")
-    # Ready and answering again: the shared API tests run after this one (../../shared/test_app_api.py).
+    # curl retries 503 (loading) and refused connections (starting) for up to four minutes.
+    host.check_output("curl -sf --retry 80 --retry-delay 3 --retry-all-errors -o /dev/null http://127.0.0.1:8000/ready")
