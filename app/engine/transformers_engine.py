@@ -237,15 +237,14 @@ class TransformersEngine(HFTokenization):
             admissions.append(_Admission(seq, reused, past))
         admissions.sort(key=lambda a: a.new_tokens)
         groups: list[list[_Admission]] = []
-        real = 0
         for admission in admissions:
-            padded = (len(groups[-1]) + 1) * admission.new_tokens if groups else 0
-            real += admission.new_tokens
-            if groups and padded <= 2 * real and padded <= _PREFILL_TOKEN_BUDGET:
-                groups[-1].append(admission)
+            group = groups[-1] if groups else []
+            padded = (len(group) + 1) * admission.new_tokens
+            real = sum(a.new_tokens for a in group) + admission.new_tokens
+            if group and padded <= 2 * real and padded <= _PREFILL_TOKEN_BUDGET:
+                group.append(admission)
             else:
                 groups.append([admission])
-                real = admission.new_tokens
         return groups
 
     def _prefill(self, group: list[_Admission]) -> None:
@@ -261,17 +260,19 @@ class TransformersEngine(HFTokenization):
         rows = len(group)
         cache = DynamicCache(config=self._model.config)
         if past:
-            layers: KVCache = []
-            for index, (k_like, _) in enumerate(group[past_lengths.index(past)].cached):
-                shape = (rows, k_like.shape[1], past, k_like.shape[3])
-                k = torch.zeros(shape, dtype=k_like.dtype, device=k_like.device)
-                v = torch.zeros_like(k)
-                for row, (admission, length) in enumerate(zip(group, past_lengths, strict=True)):
-                    if length:
-                        k_row, v_row = admission.cached[index]
-                        k[row, :, past - length :] = k_row[0, :, :length]
-                        v[row, :, past - length :] = v_row[0, :, :length]
-                layers.append((k, v))
+            template = group[past_lengths.index(past)].cached
+            # A row with nothing cached is all padding: a zero-length slice of another row's cache stands in.
+            prefixes = [
+                [(k[:, :, :length], v[:, :, :length]) for k, v in (admission.cached if length else template)]
+                for admission, length in zip(group, past_lengths, strict=True)
+            ]
+            layers = [
+                (
+                    _stack_left_padded([row[index][0] for row in prefixes], past, past),
+                    _stack_left_padded([row[index][1] for row in prefixes], past, past),
+                )
+                for index in range(len(template))
+            ]
             cache = DynamicCache(ddp_cache_data=layers, config=self._model.config)
         ids = torch.zeros((rows, width), dtype=torch.long)
         positions = torch.zeros((rows, width), dtype=torch.long)
@@ -317,21 +318,14 @@ class TransformersEngine(HFTokenization):
         width = max(old_len, *lengths)
         rows = len(self._running)
         merged: KVCache = []
-        for index, (k_like, v_like) in enumerate(joining[0][1]):
-            # Zeros, not empty memory: padding positions are masked, but NaN bit patterns would still poison
-            # the attention sum.
-            shape = (rows + len(joining), k_like.shape[1], width + _SPARE_POSITIONS, k_like.shape[3])
-            k = torch.zeros(shape, dtype=k_like.dtype, device=k_like.device)
-            v = torch.zeros(shape, dtype=v_like.dtype, device=v_like.device)
-            if running:
-                k_old, v_old = running[index]
-                k[:rows, :, width - old_len : width] = k_old
-                v[:rows, :, width - old_len : width] = v_old
-            for offset, ((_, cache), length) in enumerate(zip(joining, lengths, strict=True)):
-                k_new, v_new = cache[index]
-                k[rows + offset, :, width - length : width] = k_new[0]
-                v[rows + offset, :, width - length : width] = v_new[0]
-            merged.append((k, v))
+        for index in range(len(joining[0][1])):
+            blocks = ([running[index]] if running else []) + [cache[index] for _, cache in joining]
+            merged.append(
+                (
+                    _stack_left_padded([k for k, _ in blocks], width, width + _SPARE_POSITIONS),
+                    _stack_left_padded([v for _, v in blocks], width, width + _SPARE_POSITIONS),
+                )
+            )
         self._cache = self._batch_cache(merged, width)
         mask = torch.zeros((rows + len(joining), width), dtype=torch.long, device=self._device)
         if running:
@@ -521,20 +515,30 @@ class _InPlaceLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # transform
     ) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + key_states.shape[-2]
         if end > self.key_buffer.shape[-2]:
-            self.key_buffer = _with_room(self.key_buffer[:, :, : self.length], end + _SPARE_POSITIONS)
-            self.value_buffer = _with_room(self.value_buffer[:, :, : self.length], end + _SPARE_POSITIONS)
+            capacity = end + _SPARE_POSITIONS
+            keys, values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
+            self.key_buffer = _stack_left_padded([keys], self.length, capacity)
+            self.value_buffer = _stack_left_padded([values], self.length, capacity)
         self.key_buffer[:, :, self.length : end] = key_states
         self.value_buffer[:, :, self.length : end] = value_states
         self.length = end
         return self._expose()
 
 
-def _with_room(filled: torch.Tensor, capacity: int) -> torch.Tensor:
-    shape = list(filled.shape)
-    shape[-2] = capacity
-    grown = torch.zeros(shape, dtype=filled.dtype, device=filled.device)
-    grown[:, :, : filled.shape[-2]] = filled
-    return grown
+def _stack_left_padded(blocks: list[torch.Tensor], width: int, capacity: int) -> torch.Tensor:
+    """Stack K or V blocks ([rows, heads, length, dim]) along the batch axis into a new tensor of
+    `capacity` positions, each block ending at column `width` (left padding before it, spare room after).
+
+    Zeros, not empty memory: padding positions are masked, but NaN bit patterns would still poison the
+    attention sum."""
+    first = blocks[0]
+    rows = sum(block.shape[0] for block in blocks)
+    stacked = torch.zeros((rows, first.shape[1], capacity, first.shape[3]), dtype=first.dtype, device=first.device)
+    row = 0
+    for block in blocks:
+        stacked[row : row + block.shape[0], :, width - block.shape[-2] : width] = block
+        row += block.shape[0]
+    return stacked
 
 
 def _layers(cache: DynamicCache) -> KVCache:
