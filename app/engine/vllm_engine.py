@@ -58,9 +58,13 @@ def _vllm_dtype(dtype: str) -> str:
     where float32 answers "The capital of France is Paris."."""
     if dtype != "auto":
         return dtype
+    return "auto" if _cuda_available() else "float32"
+
+
+def _cuda_available() -> bool:
     import torch
 
-    return "auto" if torch.cuda.is_available() else "float32"
+    return bool(torch.cuda.is_available())
 
 
 def vllm_available() -> bool:
@@ -76,6 +80,11 @@ class VLLMEngine(HFTokenization):
         )
         # CPU builds size their KV cache from this variable (GiB) instead of a memory fraction.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.cpu_kv_cache_gib))
+        if not _cuda_available():
+            # vLLM 0.32 on CPUs cannot load the ahead-of-time compile cache it writes ("'function' object has
+            # no attribute 'finalize_loading'") and compiles the model again at every start, ~100 s on two
+            # cores; its older compile cache loads, and a restart's engine start takes ~30 s instead.
+            os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         try:
             from vllm import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
