@@ -1,8 +1,10 @@
 """Run the app under uvicorn with a draining SIGTERM: /ready turns 503, new API requests get 503,
-in-flight ones finish (up to drain_timeout_s), then the process exits 0."""
+in-flight ones finish (up to drain_timeout_s, and never for an engine that has failed), then the process
+exits 0. An engine that cannot go on ends the process non-zero (app/supervisor.py)."""
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import signal
@@ -21,6 +23,7 @@ from app.engine.loader import load_model
 from app.engine.transformers_engine import TransformersEngine
 from app.metrics import Metrics
 from app.settings import Settings
+from app.supervisor import Notifier, Supervisor
 
 
 class _JSONFormatter(logging.Formatter):
@@ -103,6 +106,7 @@ def build_engine(services: Services) -> Engine:
         max_batch_size=settings.max_batch_size,
         max_queued_requests=settings.max_queued_requests,
         context_length=settings.max_model_len,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
     )
 
 
@@ -110,6 +114,7 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, services: Services) -> None:
         super().__init__(config)
         self.services = services
+        self.supervisor = Supervisor(services, Notifier(), request_exit=self._exit_for_engine)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig != signal.SIGTERM or self.services.draining:
@@ -121,15 +126,30 @@ class DrainingServer(uvicorn.Server):
 
     def _drain_then_exit(self) -> None:
         deadline = time.monotonic() + self.services.settings.drain_timeout_s
-        while self.services.in_flight > 0 and time.monotonic() < deadline:
+        while self.services.in_flight > 0 and time.monotonic() < deadline and not self._engine_failed():
             time.sleep(0.05)
         logging.getLogger("app").info("drained", extra={"fields": {"left": self.services.in_flight}})
         # Not recorded as a captured signal: uvicorn would re-raise SIGTERM after shutdown and exit 143.
         self.should_exit = True
 
+    def _engine_failed(self) -> bool:
+        # A failed engine has answered its requests with errors already; nothing is left to wait for.
+        return self.services.engine is not None and self.services.engine.failure() is not None
+
+    def _exit_for_engine(self, code: int) -> None:
+        self.should_exit = True
+
+    async def on_tick(self, counter: int) -> bool:
+        # uvicorn's main loop ticks every 0.1 s.
+        if counter % 10 == 0:
+            self.supervisor.check()
+        return await super().on_tick(counter)
+
 
 def serve(settings: Settings) -> int:
     configure_logging(settings.log_level)
+    # A fatal signal (systemd's watchdog sends SIGABRT) leaves every thread's stack in the journal.
+    faulthandler.enable()
     keys: KeyStore | None = None
     if not settings.insecure_no_auth:
         keys = KeyStore(settings.keys_db)
@@ -152,5 +172,6 @@ def serve(settings: Settings) -> int:
         access_log=False,
         timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
     )
-    DrainingServer(config, services).run()
-    return 0
+    server = DrainingServer(config, services)
+    server.run()
+    return server.supervisor.exit_code

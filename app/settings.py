@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     max_tokens_default: int = Field(default=512, ge=1, description="max_tokens when a request gives none")
     max_model_len: int | None = Field(default=None, ge=16, description="context limit (defaults to the model's)")
     torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch")
+    prefill_chunk_tokens: int = Field(
+        default=512,
+        ge=16,
+        description="transformers: prompt tokens prefilled per engine step; longer prompts go in chunks "
+        "between the running streams' decode steps",
+    )
     gpu_memory_utilization: float = Field(
         default=0.9, gt=0, le=1, description="vllm: fraction of GPU memory for weights and KV cache"
     )
@@ -51,6 +57,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="largest accepted request body")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM: time allowed for in-flight requests")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 429 queue-full answers")
+    engine_stall_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="an engine step that takes longer is taken for a hang: the process exits to be restarted",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")

@@ -1,113 +1,28 @@
-"""Application factory: routes, OpenAI-shaped error handling, request accounting, background model load."""
+"""Application factory: routes, middlewares, OpenAI-shaped errors, the OpenAPI description, background model
+load."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.errors import APIError, error_body, error_response, location_to_param
+from app.api.middleware import BodyLimit, Draining, JSONBodies, RequestObserver
+from app.api.protocol import ChatCompletionChunk
 from app.api.routes import router
 from app.api.services import Services
 from app.engine import Engine
 
-log = logging.getLogger("app.access")
-
 EngineFactory = Callable[[Services], Engine]
-
-
-class RequestAccounting:
-    """Pure ASGI middleware (streams stay unbuffered): body-size limit, draining refusals, in-flight
-    count for the SIGTERM drain, HTTP metrics and one access-log line per request without any content."""
-
-    def __init__(self, app: ASGIApp, services: Services) -> None:
-        self.app = app
-        self.services = services
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        services = self.services
-        path: str = scope["path"]
-        started = time.monotonic()
-        status = 500
-        limit = services.settings.max_body_bytes
-
-        async def reply(error: APIError) -> None:
-            nonlocal status
-            status = error.status
-            await error_response(error)(scope, receive, send)
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        received = 0
-
-        async def receive_limited() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise _BodyTooLargeError
-            return message
-
-        is_api = path.startswith("/v1/")
-        if is_api and scope["method"] == "POST":
-            # `curl -d` sends form encoding by default; the body is JSON whatever the label says.
-            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
-        if is_api:
-            services.in_flight += 1
-        try:
-            declared = dict(scope["headers"]).get(b"content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limit:
-                await reply(
-                    APIError(
-                        413, f"Request body too large: {int(declared)} bytes, limit {limit}.", code="body_too_large"
-                    )
-                )
-            elif is_api and services.draining:
-                await reply(APIError(503, "The server is shutting down; retry on another instance.", code="draining"))
-            else:
-                try:
-                    await self.app(scope, receive_limited, send_wrapper)
-                except _BodyTooLargeError:
-                    await reply(APIError(413, f"Request body too large: limit {limit} bytes.", code="body_too_large"))
-        finally:
-            if is_api:
-                services.in_flight -= 1
-            route = scope.get("route")
-            label = getattr(route, "path", "unmatched")
-            services.metrics.http_responses.labels(route=label, status=str(status)).inc()
-            log.info(
-                "request",
-                extra={
-                    "fields": {
-                        "method": scope["method"],
-                        "route": label,
-                        "status": status,
-                        "duration_ms": round((time.monotonic() - started) * 1000, 1),
-                    }
-                },
-            )
-
-
-class _BodyTooLargeError(Exception):
-    pass
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
@@ -127,6 +42,34 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     return APIError(
         400, f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param=param, code="invalid_value"
     )
+
+
+def _describe(app: FastAPI, services: Services) -> dict[str, Any]:
+    """The OpenAPI description as the server really behaves: bad requests are 400 (never FastAPI's 422),
+    the model is the one served, max_tokens is bounded by its context. Final once the model is loaded."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    for path in schema["paths"].values():
+        for operation in path.values():
+            operation.get("responses", {}).pop("422", None)
+    chunk = ChatCompletionChunk.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(chunk.pop("$defs", {}))
+    components["ChatCompletionChunk"] = chunk
+    engine = services.engine
+    if engine is None or not engine.is_ready():
+        return schema  # not cached: the model's name and context are not known yet
+    for request in ("ChatCompletionRequest", "CompletionRequest"):
+        properties = components[request]["properties"]
+        properties["model"] = {"type": "string", "enum": [engine.model_name], "title": "Model"}
+        for name in ("max_tokens", "max_completion_tokens"):
+            if name in properties:
+                properties[name]["anyOf"][0]["maximum"] = engine.context_length
+    app.openapi_schema = schema
+    return schema
 
 
 def create_app(services: Services, engine_factory: EngineFactory) -> FastAPI:
@@ -151,10 +94,23 @@ def create_app(services: Services, engine_factory: EngineFactory) -> FastAPI:
             if services.engine is not None:
                 await services.engine.shutdown()
 
-    app = FastAPI(title="private-llm", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # No trailing-slash redirects: they would build a Location from the client's Host header.
+    app = FastAPI(
+        title="private-llm",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        redirect_slashes=False,
+    )
     app.state.services = services
     app.include_router(router)
-    app.add_middleware(RequestAccounting, services=services)
+    app.openapi = lambda: _describe(app, services)  # type: ignore[method-assign]
+    # Listed innermost first: the observer sees every answer, including the refusals of the others.
+    app.add_middleware(JSONBodies)
+    app.add_middleware(Draining, services=services)
+    app.add_middleware(BodyLimit, services=services)
+    app.add_middleware(RequestObserver, services=services)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:

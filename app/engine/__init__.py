@@ -21,6 +21,10 @@ class EngineUnavailableError(EngineError):
     """The engine is loading, draining or has failed."""
 
 
+class PromptError(EngineError):
+    """The messages cannot be made into a prompt (the model's chat template refused them)."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
@@ -42,19 +46,55 @@ class GenerationChunk:
 
 
 class HFTokenization:
-    """Prompt encoding shared by the backends: both hold a Hugging Face tokenizer (vLLM's wraps one)."""
+    """Prompt encoding shared by the backends: both hold a Hugging Face tokenizer (vLLM's wraps one).
+
+    Tokenizing is CPU work proportional to the input; the API layer runs it off the event loop, and first
+    asks `fewest_tokens` whether the prompt could fit at all, which costs nothing."""
 
     _tokenizer: Any
+    # Upper bound of the bytes of text one token stands for, and the fewest tokens the chat template adds
+    # per message: set by `measure_tokenizer` when the engine starts.
+    _bytes_per_token: int = 0
+    _tokens_per_message: int = 0
 
     def has_chat_template(self) -> bool:
         return getattr(self._tokenizer, "chat_template", None) is not None
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        from jinja2 import TemplateError
+
+        try:
+            text = self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except TemplateError as exc:
+            raise PromptError(f"the model's chat template refused these messages: {exc}") from exc
         return list(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def encode_prompt(self, prompt: str) -> list[int]:
         return list(self._tokenizer(prompt)["input_ids"])
+
+    def measure_tokenizer(self) -> None:
+        # The longest text one token decodes to (often a run of spaces). A normaliser (NFKC, lower-casing)
+        # may shrink the text before tokenizing, by up to about three times (a full-width letter's three
+        # bytes become one): then the bound allows for that.
+        decode = self._tokenizer.decode
+        longest = max((len(decode([i]).encode("utf-8", "replace")) for i in range(len(self._tokenizer))), default=1)
+        normalizer = getattr(getattr(self._tokenizer, "backend_tokenizer", None), "normalizer", None)
+        probe = "\uff21\ufb01\u2460"  # full-width A, the fi ligature, a circled 1: what NFKC shrinks
+        shrinks = normalizer is not None and normalizer.normalize_str(probe) != probe
+        self._bytes_per_token = max(1, longest) * (3 if shrinks else 1)
+        if self.has_chat_template():
+            empty = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}]
+            try:
+                one = len(self.encode_chat(empty[:1]))
+                three = len(self.encode_chat([*empty, empty[0]]))
+                self._tokens_per_message = max(0, (three - one) // 2)
+            except PromptError:
+                self._tokens_per_message = 0
+
+    def fewest_tokens(self, text_bytes: int, messages: int = 0) -> int:
+        """A lower bound of the tokens a prompt of `text_bytes` bytes in `messages` chat messages takes."""
+        per_token = self._bytes_per_token or text_bytes or 1
+        return -(-text_bytes // per_token) + messages * self._tokens_per_message
 
 
 class Engine(Protocol):
@@ -67,6 +107,8 @@ class Engine(Protocol):
 
     def has_chat_template(self) -> bool: ...
 
+    def fewest_tokens(self, text_bytes: int, messages: int = 0) -> int: ...
+
     async def start(self) -> None: ...
 
     async def shutdown(self) -> None: ...
@@ -74,5 +116,7 @@ class Engine(Protocol):
     def is_ready(self) -> bool: ...
 
     def failure(self) -> str | None: ...
+
+    def busy_for(self) -> float: ...
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationChunk]: ...

@@ -6,46 +6,48 @@ the OpenAI API) cannot be honoured, and measured as-is it reached 79 tokens/s at
 one stream on 2 CPU cores (under the 5x target). Here every request keeps its own sampler and stop strings,
 joins the running batch at the next token boundary and leaves it the moment it finishes or its client goes.
 
+Each turn of the engine loop does a bounded amount of prefill, then one decode step for the running batch.
+Prompts that fit the prefill budget are prefilled together in padded groups (a forward pass reads every
+weight, whatever its size); a longer prompt is prefilled a chunk per turn (chunked prefill), so the streams
+already running keep getting a token every turn instead of waiting for the whole prompt.
+
 The running batch shares one left-padded KV cache. It is rebuilt only when membership changes (a request
 joins or leaves); between those events each decode step writes one new position per row in place, into
 buffers allocated with spare positions, where transformers' DynamicCache would concatenate and so copy the
-whole cache every step (a tenth of a batch-16 step on CPU). Requests admitted at the same boundary are
-prefilled together, in padded groups (`_prefill_groups`), since each forward pass reads every weight.
+whole cache every step (a tenth of a batch-16 step on CPU).
+
+A step that raises fails the requests it was serving and the loop goes on; several failed steps in a row
+mean the engine cannot go on (a broken device, say): it stops and reports `failure()`, and the server exits
+so that systemd starts it afresh.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
+import contextlib
 import logging
 import secrets
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any
 
 import torch
-from transformers import DynamicCache, DynamicLayer
+from transformers import DynamicCache
 
-from app.engine import (
-    EngineUnavailableError,
-    GenerationChunk,
-    HFTokenization,
-    QueueFullError,
-    SamplingParams,
-)
+from app.engine import EngineUnavailableError, GenerationChunk, HFTokenization, QueueFullError, SamplingParams
+from app.engine.kv import SPARE_POSITIONS, KVCache, PrefixCache, buffers_of, cache_over, layers_of, stack_left_padded
 from app.engine.loader import LoadedModel
+from app.engine.prefill import Prefiller, Prompt
+from app.engine.sampler import sample
 from app.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
-# Room a batch's KV buffers keep for positions still to come; growing past it costs one copy.
-_SPARE_POSITIONS = 128
-# Most padded tokens one prefill pass takes for several prompts (a longer prompt still goes alone).
-_PREFILL_TOKEN_BUDGET = 4096
+# Failed steps in a row after which the engine gives up (one bad request fails one step).
+_MAX_CONSECUTIVE_FAILURES = 3
 
 
 @dataclass(eq=False)
@@ -65,18 +67,21 @@ class _Sequence:
     generator: torch.Generator = field(default_factory=lambda: torch.Generator(device="cpu"))
 
     def send(self, chunk: GenerationChunk) -> None:
-        self.loop.call_soon_threadsafe(self.outputs.put_nowait, chunk)
+        # A closed event loop (shutdown) raises: nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.outputs.put_nowait, chunk)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Admission:
-    seq: _Sequence
-    reused: int  # prompt tokens whose KV comes from the prefix cache
-    cached: KVCache
+    """A sequence that holds a batch slot while its prompt is prefilled."""
 
-    @property
-    def new_tokens(self) -> int:
-        return len(self.seq.prompt_ids) - self.reused
+    seq: _Sequence
+    prompt: Prompt
+
+
+class _EngineBrokenError(Exception):
+    pass
 
 
 class TransformersEngine(HFTokenization):
@@ -88,7 +93,9 @@ class TransformersEngine(HFTokenization):
         max_batch_size: int,
         max_queued_requests: int,
         context_length: int | None = None,
+        prefill_chunk_tokens: int = 512,
         prefix_cache_entries: int = 8,
+        prefix_cache_bytes: int = 512 * 1024 * 1024,
     ) -> None:
         self._model = loaded.model
         self._tokenizer = loaded.tokenizer
@@ -104,25 +111,25 @@ class TransformersEngine(HFTokenization):
             eos_ids.append(self._tokenizer.eos_token_id)
         self._eos_ids = frozenset(int(i) for i in eos_ids if i is not None)
 
-        self._prefixes = _PrefixCache(capacity=prefix_cache_entries)
+        self._prefixes = PrefixCache(capacity=prefix_cache_entries, max_bytes=prefix_cache_bytes)
         self._waiting: deque[_Sequence] = deque()
+        self._prefilling: list[_Admission] = []
         self._running: list[_Sequence] = []
         self._cache: DynamicCache | None = None
-        # Prefill only needs the last position's logits; computing the rest costs a vocab-sized matmul per
-        # prompt token. Older model classes lack the argument.
-        self._prefill_kwargs: dict[str, int] = (
-            {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self._model.forward).parameters else {}
-        )
+        self._prefill = Prefiller(self._model, self._device, budget=prefill_chunk_tokens)
         self._mask = torch.zeros((0, 0), dtype=torch.long, device=self._device)
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._failed: str | None = None
+        self._failures_in_a_row = 0
+        self._turn_started = time.monotonic()
         self._warm = False
 
     # --- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
+        await asyncio.to_thread(self.measure_tokenizer)
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
         # Warm-up: one real generation through the same path requests take (allocator, kernels, threads).
@@ -148,6 +155,11 @@ class TransformersEngine(HFTokenization):
             and self._thread.is_alive()
         )
 
+    def busy_for(self) -> float:
+        """Seconds the current turn of the engine loop has taken so far (an idle loop comes round every
+        half second): what the watchdog compares with its stall limit."""
+        return time.monotonic() - self._turn_started
+
     # --- submission ----------------------------------------------------------------------------------
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationChunk]:
         """Queue a request at once (raising QueueFullError / EngineUnavailableError now, not at the first
@@ -155,9 +167,9 @@ class TransformersEngine(HFTokenization):
         if self._failed is not None or self._stopping or self._thread is None:
             raise EngineUnavailableError(self._failed or "engine is not running")
         seq = _Sequence(prompt_ids=prompt_ids, params=params, loop=asyncio.get_running_loop(), outputs=asyncio.Queue())
-        seq.generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+        seq.generator.manual_seed(_torch_seed(params.seed) if params.seed is not None else secrets.randbits(63))
         with self._lock:
-            free_slots = self._max_batch - len(self._running)
+            free_slots = self._max_batch - len(self._running) - len(self._prefilling)
             if len(self._waiting) - free_slots >= self._max_waiting:
                 raise QueueFullError(f"{len(self._waiting)} requests are already waiting")
             self._waiting.append(seq)
@@ -183,136 +195,140 @@ class TransformersEngine(HFTokenization):
         try:
             with torch.inference_mode():
                 while not self._stopping:
+                    self._turn_started = time.monotonic()
                     self._drop_cancelled()
                     self._admit()
-                    if not self._running:
+                    if not self._running and not self._prefilling:
                         self._wakeup.wait(timeout=0.5)
                         self._wakeup.clear()
                         continue
-                    self._decode_step()
-        except Exception as exc:
-            log.exception("engine loop failed")
-            self._failed = f"engine failure: {type(exc).__name__}"
-            for seq in [*self._running, *self._waiting]:
-                seq.finished = True
-                seq.send(GenerationChunk(text="", error=self._failed))
+                    if self._prefilling:
+                        self._prefill_step()
+                    if self._running:
+                        self._contain(list(self._running), self._reset_batch, self._decode_step)
+        except Exception as exc:  # the loop's own bookkeeping, or a step failing again and again
+            if not isinstance(exc, _EngineBrokenError):
+                log.exception("engine loop failed")
+            self._failed = f"engine failure: {type(exc.__cause__ or exc).__name__}"
+            for seq in [*self._running, *(a.seq for a in self._prefilling), *self._waiting]:
+                self._fail(seq, self._failed)
             self._running.clear()
+            self._prefilling.clear()
             self._waiting.clear()
+            self._update_gauges()
+
+    def _contain(self, seqs: list[_Sequence], undo: Callable[..., None], step: Callable[..., None], *args: Any) -> None:
+        """Run one step; if it raises, undo what it left half done, fail the requests it served (and only
+        those) and go on, unless steps keep failing."""
+        try:
+            step(*args)
+        except Exception as exc:
+            self._failures_in_a_row += 1
+            log.exception(
+                "engine step failed",
+                extra={"fields": {"requests": len(seqs), "failures_in_a_row": self._failures_in_a_row}},
+            )
+            undo(*args)
+            for seq in seqs:
+                self._fail(seq, f"The engine failed while serving this request ({type(exc).__name__}).")
+            self._update_gauges()
+            if self._failures_in_a_row >= _MAX_CONSECUTIVE_FAILURES:
+                raise _EngineBrokenError from exc
+        else:
+            self._failures_in_a_row = 0
+
+    def _fail(self, seq: _Sequence, message: str) -> None:
+        if not seq.finished:
+            seq.finished = True
+            seq.send(GenerationChunk(text="", error=message))
+
+    def _update_gauges(self) -> None:
+        self._metrics.running.set(len(self._running) + len(self._prefilling))
+        self._metrics.waiting.set(len(self._waiting))
 
     def _drop_cancelled(self) -> None:
         with self._lock:
             if any(seq.cancelled for seq in self._waiting):
                 self._waiting = deque(seq for seq in self._waiting if not seq.cancelled)
-                self._metrics.waiting.set(len(self._waiting))
+        self._prefilling = [a for a in self._prefilling if not a.seq.cancelled]
         keep = [i for i, seq in enumerate(self._running) if not seq.cancelled]
         if len(keep) != len(self._running):
             self._select_rows(keep)
+        self._update_gauges()
 
     def _admit(self) -> None:
         admitted: list[_Sequence] = []
         with self._lock:
-            while self._waiting and len(self._running) + len(admitted) < self._max_batch:
+            while self._waiting and len(self._running) + len(self._prefilling) + len(admitted) < self._max_batch:
                 admitted.append(self._waiting.popleft())
-            self._metrics.waiting.set(len(self._waiting))
         if not admitted:
             return
         now = time.monotonic()
         for seq in admitted:
             self._metrics.queue_time.observe(now - seq.arrival)
-        for group in self._prefill_groups(admitted):
-            self._prefill(group)
-
-    def _prefill_groups(self, seqs: list[_Sequence]) -> list[list[_Admission]]:
-        """Split admitted sequences into groups that are prefilled in one forward pass each.
-
-        A forward pass reads every weight once whatever its size, so on CPU sixteen 16-token prompts cost
-        0.6 s together against 2.1 s one by one. But a group pads every prompt to its longest new part,
-        so prompts only share a group while the padding stays under the real tokens, and within a token
-        budget that bounds the pass's memory."""
-        admissions: list[_Admission] = []
-        for seq in seqs:
             reused, past = self._prefixes.lookup(seq.prompt_ids)
             # At least the last prompt token goes through the model: its logits give the first new token.
             reused = min(reused, len(seq.prompt_ids) - 1)
-            admissions.append(_Admission(seq, reused, past))
-        admissions.sort(key=lambda a: a.new_tokens)
-        groups: list[list[_Admission]] = []
-        for admission in admissions:
-            group = groups[-1] if groups else []
-            padded = (len(group) + 1) * admission.new_tokens
-            real = sum(a.new_tokens for a in group) + admission.new_tokens
-            if group and padded <= 2 * real and padded <= _PREFILL_TOKEN_BUDGET:
-                group.append(admission)
-            else:
-                groups.append([admission])
-        return groups
+            self._prefilling.append(_Admission(seq, Prompt(seq.prompt_ids, reused, past, done=reused)))
+        self._update_gauges()
 
-    def _prefill(self, group: list[_Admission]) -> None:
-        """One forward pass over the new prompt tokens of every sequence in the group.
+    # --- prefill -------------------------------------------------------------------------------------
+    def _prefill_step(self) -> None:
+        """At most about one budget of prompt tokens per turn: prompts that fit it first (together, in
+        padded groups), then the next chunk of the oldest long prompt, which always advances."""
+        budget = self._prefill.budget
+        fitting = {id(a.prompt): a for a in self._prefilling if self._prefill.fits(a.prompt)}
+        for prompts in self._prefill.groups([a.prompt for a in fitting.values()]):
+            padded = len(prompts) * max(p.new_tokens for p in prompts)
+            if padded > budget and budget < self._prefill.budget:
+                break
+            budget -= padded
+            group = [fitting[id(p)] for p in prompts]
+            for admission in group:
+                self._prefilling.remove(admission)
+            self._contain([a.seq for a in group], self._forget_nothing, self._prefill_group, group)
+        long = [a for a in self._prefilling if not self._prefill.fits(a.prompt)]
+        if long:
+            size = max(budget, self._prefill.budget // 4)
+            self._contain([long[0].seq], self._forget_prefill, self._prefill_chunk, long[0], size)
 
-        Rows are left-padded so that every prompt ends in the last column: the cached prefixes fill the
-        first `past` columns, the `width` input columns hold what is new (a row whose prefix is shorter
-        than another's recomputes some cached tokens rather than leave a gap)."""
-        width = max(a.new_tokens for a in group)
-        past_lengths = [max(0, len(a.seq.prompt_ids) - width) for a in group]
-        past = max(past_lengths)
-        total = past + width
-        rows = len(group)
-        cache = DynamicCache(config=self._model.config)
-        if past:
-            template = group[past_lengths.index(past)].cached
-            # A row with nothing cached is all padding: a zero-length slice of another row's cache stands in.
-            prefixes = [
-                [(k[:, :, :length], v[:, :, :length]) for k, v in (admission.cached if length else template)]
-                for admission, length in zip(group, past_lengths, strict=True)
-            ]
-            layers = [
-                (
-                    _stack_left_padded([row[index][0] for row in prefixes], past, past),
-                    _stack_left_padded([row[index][1] for row in prefixes], past, past),
-                )
-                for index in range(len(template))
-            ]
-            cache = DynamicCache(ddp_cache_data=layers, config=self._model.config)
-        ids = torch.zeros((rows, width), dtype=torch.long)
-        positions = torch.zeros((rows, width), dtype=torch.long)
-        mask = torch.zeros((rows, total), dtype=torch.long)
-        for row, admission in enumerate(group):
-            prompt = admission.seq.prompt_ids
-            fresh = min(len(prompt), width)
-            ids[row, width - fresh :] = torch.tensor(prompt[len(prompt) - fresh :])
-            positions[row, width - fresh :] = torch.arange(len(prompt) - fresh, len(prompt))
-            mask[row, total - len(prompt) :] = 1
-        out = self._model(
-            input_ids=ids.to(self._device),
-            attention_mask=mask.to(self._device),
-            position_ids=positions.to(self._device),
-            past_key_values=cache,
-            use_cache=True,
-            **self._prefill_kwargs,
-        )
-        computed = _layers(out.past_key_values)
+    def _prefill_group(self, group: list[_Admission]) -> None:
+        logits, caches = self._prefill.group([a.prompt for a in group])
         seqs = [a.seq for a in group]
-        tokens = self._sample(out.logits[:, -1, :], seqs)
-        joining: list[tuple[_Sequence, KVCache]] = []
-        for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
-            # Each prompt's own positions, copied out: padding stays behind, and the prefix cache holds
-            # no reference to the whole group's tensors.
-            length = len(seq.prompt_ids)
-            own = [
-                (k[row : row + 1, :, total - length :].clone(), v[row : row + 1, :, total - length :].clone())
-                for k, v in computed
-            ]
-            self._prefixes.store(seq.prompt_ids, own)
-            seq.length = length
-            self._metrics.prompt_tokens.inc(length)
-            if self._accept(seq, token):
-                joining.append((seq, own))
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        joining = [
+            (seq, own) for seq, token, own in zip(seqs, tokens, caches, strict=True) if self._prefilled(seq, token, own)
+        ]
         if joining:
             self._join(joining)
 
+    def _prefill_chunk(self, admission: _Admission, size: int) -> None:
+        finished = self._prefill.chunk(admission.prompt, size)
+        if finished is None:
+            return
+        self._prefilling.remove(admission)
+        logits, own = finished
+        seq = admission.seq
+        if self._prefilled(seq, sample(logits, [seq.params], [seq.generator])[0], own):
+            self._join([(seq, own)])
+
+    def _forget_nothing(self, *_: object) -> None:
+        pass  # a group's admissions have left the prefilling list before its pass
+
+    def _forget_prefill(self, admission: _Admission, *_: object) -> None:
+        if admission in self._prefilling:
+            self._prefilling.remove(admission)
+
+    def _prefilled(self, seq: _Sequence, token: int | None, own: KVCache) -> bool:
+        """A prompt is in the cache: remember it for prefix reuse and take its first token."""
+        self._prefixes.store(seq.prompt_ids, own)
+        seq.length = len(seq.prompt_ids)
+        self._metrics.prompt_tokens.inc(seq.length)
+        return self._accept(seq, token)
+
+    # --- the running batch ---------------------------------------------------------------------------
     def _join(self, joining: list[tuple[_Sequence, KVCache]]) -> None:
-        running = _layers(self._cache) if self._cache is not None and self._running else []
+        running = layers_of(self._cache) if self._cache is not None and self._running else []
         old_len = running[0][0].shape[-2] if running else 0
         lengths = [cache[0][0].shape[-2] for _, cache in joining]
         width = max(old_len, *lengths)
@@ -322,11 +338,11 @@ class TransformersEngine(HFTokenization):
             blocks = ([running[index]] if running else []) + [cache[index] for _, cache in joining]
             merged.append(
                 (
-                    _stack_left_padded([k for k, _ in blocks], width, width + _SPARE_POSITIONS),
-                    _stack_left_padded([v for _, v in blocks], width, width + _SPARE_POSITIONS),
+                    stack_left_padded([k for k, _ in blocks], width, width + SPARE_POSITIONS),
+                    stack_left_padded([v for _, v in blocks], width, width + SPARE_POSITIONS),
                 )
             )
-        self._cache = self._batch_cache(merged, width)
+        self._cache = cache_over(merged, width, self._model.config)
         mask = torch.zeros((rows + len(joining), width), dtype=torch.long, device=self._device)
         if running:
             mask[:rows, width - old_len :] = self._mask
@@ -334,11 +350,14 @@ class TransformersEngine(HFTokenization):
             mask[rows + offset, width - length :] = 1
         self._mask = mask
         self._running.extend(seq for seq, _ in joining)
-        self._metrics.running.set(len(self._running))
+        self._update_gauges()
+
+    def _reset_batch(self, *_: object) -> None:
+        self._running, self._cache, self._mask = [], None, self._mask[:0]
 
     def _select_rows(self, keep: list[int]) -> None:
         self._running = [self._running[i] for i in keep]
-        self._metrics.running.set(len(self._running))
+        self._update_gauges()
         if not keep or self._cache is None:
             self._cache, self._mask = None, self._mask[:0]
             return
@@ -348,22 +367,14 @@ class TransformersEngine(HFTokenization):
         first_used = int((mask.sum(dim=0) > 0).nonzero()[0].item())
         self._mask = mask[:, first_used:]
         # Selecting from the whole buffers keeps their spare positions; the column slice is a view.
-        self._cache = self._batch_cache(
+        self._cache = cache_over(
             [
                 (k.index_select(0, index)[:, :, first_used:], v.index_select(0, index)[:, :, first_used:])
-                for k, v in _buffers(self._cache)
+                for k, v in buffers_of(self._cache)
             ],
             self._mask.shape[1],
+            self._model.config,
         )
-
-    def _batch_cache(self, buffers: KVCache, length: int) -> DynamicCache:
-        cache = DynamicCache(config=self._model.config)
-        for index, (layer, (k, v)) in enumerate(zip(cache.layers, buffers, strict=True)):
-            if type(layer) is DynamicLayer:
-                cache.layers[index] = _InPlaceLayer(k, v, length)
-            else:  # sliding-window and other layer kinds keep their own bookkeeping
-                cast(DynamicLayer, layer).update(k[:, :, :length], v[:, :, :length])
-        return cache
 
     def _decode_step(self) -> None:
         batch = self._running
@@ -381,35 +392,20 @@ class TransformersEngine(HFTokenization):
         self._mask = mask
         for seq in batch:
             seq.length += 1
-        tokens = self._sample(out.logits[:, -1, :], batch)
+        tokens = sample(out.logits[:, -1, :], [s.params for s in batch], [s.generator for s in batch])
         keep = [i for i, (seq, token) in enumerate(zip(batch, tokens, strict=True)) if self._accept(seq, token)]
         if len(keep) != len(batch):
             self._select_rows(keep)
 
-    def _sample(self, logits: torch.Tensor, batch: list[_Sequence]) -> list[int]:
-        logits = logits.float()
-        greedy = logits.argmax(dim=-1).tolist()
-        tokens: list[int] = []
-        for row, seq in enumerate(batch):
-            params = seq.params
-            if params.temperature == 0.0:
-                tokens.append(int(greedy[row]))
-                continue
-            probs = torch.softmax(logits[row] / params.temperature, dim=-1).cpu()
-            if params.top_p < 1.0:
-                sorted_probs, order = probs.sort(descending=True)
-                cumulative = sorted_probs.cumsum(0)
-                # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-                sorted_probs[(cumulative - sorted_probs) > params.top_p] = 0.0
-                probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-            tokens.append(int(torch.multinomial(probs, 1, generator=seq.generator).item()))
-        return tokens
-
-    def _accept(self, seq: _Sequence, token: int) -> bool:
+    # --- tokens to text ------------------------------------------------------------------------------
+    def _accept(self, seq: _Sequence, token: int | None) -> bool:
         """Record one sampled token; send text to the client. Returns False when the sequence is done."""
         now = time.monotonic()
         if seq.cancelled:
             seq.finished = True
+            return False
+        if token is None:
+            self._fail(seq, "The model gave no valid next-token distribution for this request (non-finite).")
             return False
         if token in self._eos_ids:
             return self._finish(seq, "stop", now)
@@ -461,107 +457,6 @@ class TransformersEngine(HFTokenization):
         return False
 
 
-class _PrefixCache:
-    """KV caches of recent prompts, so a new prompt that shares their beginning (the chat template's system
-    prompt, a conversation's earlier turns) only prefills what is new. Prefill is the expensive,
-    compute-bound part on CPUs: 60 prompt tokens cost about four decode steps of a 16-sequence batch."""
-
-    MIN_SHARED_TOKENS = 8
-
-    def __init__(self, capacity: int) -> None:
-        self._capacity = capacity
-        self._entries: OrderedDict[tuple[int, ...], KVCache] = OrderedDict()
-
-    def lookup(self, prompt: list[int]) -> tuple[int, KVCache]:
-        best, best_cache = 0, []
-        for key, cache in self._entries.items():
-            shared = _shared_prefix_length(key, prompt)
-            if shared > best:
-                best, best_cache = shared, cache
-        if best < self.MIN_SHARED_TOKENS:
-            return 0, []
-        return best, best_cache
-
-    def store(self, prompt: list[int], cache: KVCache) -> None:
-        if self._capacity == 0:
-            return
-        key = tuple(prompt)
-        self._entries[key] = cache
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._capacity:
-            self._entries.popitem(last=False)
-
-
-class _InPlaceLayer(DynamicLayer):  # type: ignore[no-untyped-call]  # transformers' hook is untyped
-    """A full-attention cache layer over buffers with spare positions: `update` writes the new positions
-    into them and exposes the filled part as views, growing (one copy) only when the spare room runs out.
-    The buffers belong to the running batch alone, so prompt caches kept for prefix reuse are never
-    written to."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
-        self.dtype, self.device = keys.dtype, keys.device
-        self.is_initialized = True
-        self.key_buffer, self.value_buffer, self.length = keys, values, length
-        self._expose()
-
-    def _expose(self) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
-        self.keys, self.values = keys, values
-        return keys, values
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + key_states.shape[-2]
-        if end > self.key_buffer.shape[-2]:
-            capacity = end + _SPARE_POSITIONS
-            keys, values = self.key_buffer[:, :, : self.length], self.value_buffer[:, :, : self.length]
-            self.key_buffer = _stack_left_padded([keys], self.length, capacity)
-            self.value_buffer = _stack_left_padded([values], self.length, capacity)
-        self.key_buffer[:, :, self.length : end] = key_states
-        self.value_buffer[:, :, self.length : end] = value_states
-        self.length = end
-        return self._expose()
-
-
-def _stack_left_padded(blocks: list[torch.Tensor], width: int, capacity: int) -> torch.Tensor:
-    """Stack K or V blocks ([rows, heads, length, dim]) along the batch axis into a new tensor of
-    `capacity` positions, each block ending at column `width` (left padding before it, spare room after).
-
-    Zeros, not empty memory: padding positions are masked, but NaN bit patterns would still poison the
-    attention sum."""
-    first = blocks[0]
-    rows = sum(block.shape[0] for block in blocks)
-    stacked = torch.zeros((rows, first.shape[1], capacity, first.shape[3]), dtype=first.dtype, device=first.device)
-    row = 0
-    for block in blocks:
-        stacked[row : row + block.shape[0], :, width - block.shape[-2] : width] = block
-        row += block.shape[0]
-    return stacked
-
-
-def _layers(cache: DynamicCache) -> KVCache:
-    # Attention-only models: batching pads K/V along the sequence axis, which recurrent-state layers lack.
-    layers: KVCache = []
-    for layer in cast(list[DynamicLayer], cache.layers):
-        if layer.keys is None or layer.values is None:
-            raise RuntimeError("a KV cache layer was never filled")
-        layers.append((layer.keys, layer.values))
-    return layers
-
-
-def _buffers(cache: DynamicCache) -> KVCache:
-    """Each layer's K/V with any spare positions after the filled part."""
-    return [
-        (layer.key_buffer, layer.value_buffer) if isinstance(layer, _InPlaceLayer) else pair
-        for layer, pair in zip(cache.layers, _layers(cache), strict=True)
-    ]
-
-
-def _shared_prefix_length(a: tuple[int, ...], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+def _torch_seed(seed: int) -> int:
+    """The API takes any signed 64-bit seed; torch's generator takes 0 ... 2**64 - 1."""
+    return seed % (1 << 64)

@@ -115,6 +115,7 @@ class VLLMEngine(HFTokenization):
 
     # --- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
+        await asyncio.to_thread(self.measure_tokenizer)
         async for _ in self.generate(self.encode_prompt("Hello"), SamplingParams(max_tokens=4, temperature=0.0)):
             pass
         self._warm = True
@@ -130,6 +131,10 @@ class VLLMEngine(HFTokenization):
 
     def is_ready(self) -> bool:
         return self._warm and not self._stopping and self.failure() is None
+
+    def busy_for(self) -> float:
+        # vLLM's engine core runs in a process of its own, watched by vLLM: a dead one shows in failure().
+        return 0.0
 
     # --- submission ----------------------------------------------------------------------------------
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[GenerationChunk]:

@@ -40,6 +40,18 @@ class Server:
     keys_db: Path
     process: subprocess.Popen[bytes]
     log: Path
+    # Where the server's sd_notify messages arrive, as systemd's NOTIFY_SOCKET would receive them.
+    notifications: socket.socket | None = None
+
+    def notified(self) -> list[str]:
+        """The sd_notify messages received since the last call."""
+        messages: list[str] = []
+        assert self.notifications is not None
+        while True:
+            try:
+                messages.append(self.notifications.recv(4096).decode())
+            except BlockingIOError:
+                return messages
 
     def client(self, **kwargs: object) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.key, max_retries=0, **kwargs)  # type: ignore[arg-type]
@@ -65,13 +77,20 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
     )
 
 
-def start_server(tmp: Path, *extra: str) -> Server:
+def start_server(tmp: Path, *extra: str, notify: bool = False) -> Server:
     keys_db = tmp / "keys.db"
     created = run_cli("keys", "create", "--name", "tests", "--keys-db", str(keys_db))
     assert created.returncode == 0, created.stderr
     port = free_port()
     log = tmp / f"server-{port}.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **ENGINE_ENV[ENGINE]}
+    notifications = None
+    if notify:
+        notifications = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notifications.bind(str(tmp / "notify.sock"))
+        notifications.setblocking(False)
+        # As systemd sets them for a unit with WatchdogSec=2 and NotifyAccess=main.
+        env |= {"NOTIFY_SOCKET": str(tmp / "notify.sock"), "WATCHDOG_USEC": "2000000"}
     process = subprocess.Popen(
         [
             sys.executable,
@@ -92,7 +111,12 @@ def start_server(tmp: Path, *extra: str) -> Server:
         env=env,
     )
     server = Server(
-        url=f"http://127.0.0.1:{port}", key=created.stdout.strip(), keys_db=keys_db, process=process, log=log
+        url=f"http://127.0.0.1:{port}",
+        key=created.stdout.strip(),
+        keys_db=keys_db,
+        process=process,
+        log=log,
+        notifications=notifications,
     )
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -127,6 +151,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "64",
         "--max-body-bytes",
         "1048576",
+        notify=True,
     )
     yield running
     stop_server(running)

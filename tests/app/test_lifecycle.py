@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from app.auth import KeyStore
-from tests.app.conftest import MODEL, free_port, run_cli, start_server
+from tests.app.conftest import MODEL, Server, free_port, run_cli, start_server
 
 
 def test_keys_cli_imports_a_vault_key_by_hash(tmp_path: Path) -> None:
@@ -76,17 +76,15 @@ def test_bad_setting_is_a_clear_error(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_revoked_key_is_refused_at_once(tmp_path: Path) -> None:
-    server = start_server(tmp_path)
-    try:
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=server.key, max_retries=0)
-        assert client.models.list().data
-        assert run_cli("keys", "revoke", "tests", "--keys-db", str(server.keys_db)).returncode == 0
-        with pytest.raises(openai.AuthenticationError):
-            client.models.list()
-    finally:
-        server.process.kill()
-        server.process.wait()
+def test_revoked_key_is_refused_at_once(server: Server) -> None:
+    created = run_cli("keys", "create", "--name", "revoke-me", "--keys-db", str(server.keys_db))
+    assert created.returncode == 0, created.stderr
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=created.stdout.strip(), max_retries=0)
+    assert client.models.list().data
+    assert run_cli("keys", "revoke", "revoke-me", "--keys-db", str(server.keys_db)).returncode == 0
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
+    assert server.client().models.list().data, "the other keys still work"
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path: Path) -> None:

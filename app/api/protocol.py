@@ -1,0 +1,229 @@
+"""Request and response models of the OpenAI API subset we serve.
+
+Requests refuse unknown fields (extra="forbid") and every malformed value with a 400 naming the parameter:
+numbers are never booleans, strings never hold lone UTF-16 surrogates (valid JSON, but not text any
+tokenizer can take), seeds fit 64 bits. What the schema promises is what the server accepts, so the
+OpenAPI description is a contract a fuzzer can hold us to (`tests/api_contract`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic.json_schema import SkipJsonSchema
+
+# Accepted by OpenAI, not implemented here: a client that sets one gets a 400 naming it (unsupported_set)
+# rather than "unrecognized argument". Left out of the schema, which lists only what works.
+_UNSUPPORTED = "unsupported"
+Unsupported = Annotated[SkipJsonSchema[Any], _UNSUPPORTED]
+
+
+def _text(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("holds a lone UTF-16 surrogate (\\ud800-\\udfff without its pair): not text") from None
+    return value
+
+
+def _not_a_boolean(value: object) -> object:
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+Text = Annotated[StrictStr, AfterValidator(_text)]
+Number = Annotated[float, BeforeValidator(_not_a_boolean)]
+Temperature = Annotated[Number, Field(ge=0.0, le=2.0)]
+TopP = Annotated[Number, Field(gt=0.0, le=1.0)]
+# Penalties are accepted at their neutral value only.
+Penalty = Annotated[Number, Field(ge=0.0, le=0.0, description="Only 0 (no penalty) is supported.")]
+Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
+Stop = Text | Annotated[list[Text], Field(max_length=4)] | None
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    def unsupported_set(self) -> list[str]:
+        """The unsupported parameters this request sets (null and false count as unset)."""
+        return [
+            name
+            for name, info in type(self).model_fields.items()
+            if _UNSUPPORTED in info.metadata and getattr(self, name) not in (None, False)
+        ]
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | list[TextPart]
+    name: Text | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(_Strict):
+    include_usage: StrictBool = False
+
+
+class _Common(_Strict):
+    model: Text
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    stop: Stop = None
+    seed: Seed | None = None
+    n: Literal[1] | None = Field(default=None, description="Only 1 is supported.")
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = Field(default=None, description="Only with stream=true.")
+    user: Text | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+
+    tools: Unsupported = None
+    tool_choice: Unsupported = None
+    functions: Unsupported = None
+    function_call: Unsupported = None
+    parallel_tool_calls: Unsupported = None
+    logprobs: Unsupported = None
+    top_logprobs: Unsupported = None
+    response_format: Unsupported = None
+    logit_bias: Unsupported = None
+    metadata: Unsupported = None
+    store: Unsupported = None
+    service_tier: Unsupported = None
+
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        return tuple(s for s in stops if s)
+
+
+class ChatCompletionRequest(_Common):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    audio: Unsupported = None
+    modalities: Unsupported = None
+    prediction: Unsupported = None
+    reasoning_effort: Unsupported = None
+    web_search_options: Unsupported = None
+
+
+class CompletionRequest(_Common):
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)]
+    suffix: Unsupported = None
+    echo: Unsupported = None
+    best_of: Unsupported = None
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+# --- responses ---------------------------------------------------------------------------------------------
+FinishReason = Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion (`data: {...}`; the stream ends with
+    `data: [DONE]`)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class Completion(BaseModel):
+    """A text completion, and also each event of a streamed one (then without usage until the last)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "private-llm"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Status(BaseModel):
+    status: str

@@ -1,0 +1,111 @@
+"""Run a prepared request on the engine and answer it, streamed or not (see app/serving/__init__.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from app.api.errors import APIError, error_body
+from app.engine import Engine, EngineUnavailableError, GenerationChunk, QueueFullError
+from app.serving.requests import Prepared
+from app.serving.responses import Renderer
+
+# How often a non-streamed request looks whether its client is still there.
+_DISCONNECT_POLL_S = 0.25
+# nginx's status for "the client closed the connection before the answer": logged, never sent.
+CLIENT_GONE = 499
+
+
+async def run(prepared: Prepared, engine: Engine, request: Request, retry_after_s: int) -> Response:
+    renderer = Renderer(prepared)
+    stream = _start(engine, prepared, retry_after_s)
+    if not prepared.stream:
+        collected = await _collect_while_connected(stream, request, engine)
+        if collected is None:
+            return Response(status_code=CLIENT_GONE)
+        return JSONResponse(renderer.answer(*collected))
+    # X-Accel-Buffering: nginx must pass each event on as it comes.
+    return StreamingResponse(
+        _events(stream, renderer, engine),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def _start(engine: Engine, prepared: Prepared, retry_after_s: int) -> AsyncIterator[GenerationChunk]:
+    try:
+        return engine.generate(prepared.prompt_ids, prepared.params)
+    except QueueFullError as exc:
+        raise APIError(
+            429,
+            f"The server is at capacity ({exc}); retry after {retry_after_s} s.",
+            code="queue_full",
+            headers={"Retry-After": str(retry_after_s)},
+        ) from exc
+    except EngineUnavailableError as exc:
+        raise APIError(503, str(exc), code="engine_unavailable", headers={"Retry-After": "5"}) from exc
+
+
+def _engine_error(message: str, engine: Engine) -> APIError:
+    """503 when the engine as a whole has failed (the node is going away: retry elsewhere), 500 when it
+    failed this request alone and goes on serving the others."""
+    if engine.failure() is not None:
+        return APIError(503, message, code="engine_failure", headers={"Retry-After": "5"})
+    return APIError(500, message, code="engine_failure")
+
+
+async def _collect(stream: AsyncIterator[GenerationChunk], engine: Engine) -> tuple[str, GenerationChunk]:
+    parts: list[str] = []
+    last = GenerationChunk(text="")
+    async for chunk in stream:
+        if chunk.error is not None:
+            raise _engine_error(chunk.error, engine)
+        parts.append(chunk.text)
+        last = chunk
+    return "".join(parts), last
+
+
+async def _collect_while_connected(
+    stream: AsyncIterator[GenerationChunk], request: Request, engine: Engine
+) -> tuple[str, GenerationChunk] | None:
+    """The whole answer, or None when the client went away first: then the generation is cancelled (its
+    slot freed at the next token) instead of running to its end for nobody."""
+    collecting = asyncio.ensure_future(_collect(stream, engine))
+    try:
+        while True:
+            done, _ = await asyncio.wait({collecting}, timeout=_DISCONNECT_POLL_S)
+            if done:
+                return collecting.result()
+            if await request.is_disconnected():
+                return None
+    finally:
+        if not collecting.done():
+            collecting.cancel()
+            await asyncio.gather(collecting, return_exceptions=True)
+
+
+def _sse(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+async def _events(stream: AsyncIterator[GenerationChunk], renderer: Renderer, engine: Engine) -> AsyncIterator[bytes]:
+    for event in renderer.opening():
+        yield _sse(event)
+    async for chunk in stream:
+        if chunk.error is not None:
+            error = _engine_error(chunk.error, engine)
+            yield _sse(error_body(error.status, error.message, code=error.code))
+            break
+        if chunk.finish_reason is not None:
+            for event in renderer.closing(chunk):
+                yield _sse(event)
+            break
+        if chunk.text:
+            yield _sse(renderer.delta(chunk.text))
+    yield _sse("[DONE]")

@@ -1,0 +1,135 @@
+"""From a parsed request to what the engine runs: the prompt's token ids and the sampling parameters.
+
+The checks that cost nothing come first (parameters the server does not implement, the model name, a
+prompt too big to fit whatever its tokens): a 6 MB prompt is refused without being tokenized. The rest,
+tokenizing and rendering the chat template, runs in a worker thread so that /health and every stream keep
+being served while it works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Literal
+
+from app.api.errors import APIError
+from app.api.protocol import ChatCompletionRequest, CompletionRequest
+from app.engine import Engine, PromptError, SamplingParams
+from app.engine.sampler import GREEDY_TEMPERATURE
+
+Kind = Literal["chat", "completion"]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    kind: Kind
+    model: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+async def prepare_chat(body: ChatCompletionRequest, engine: Engine, default_max_tokens: int) -> Prepared:
+    _check_common(body, engine)
+    if not engine.has_chat_template():
+        raise APIError(400, "This model has no chat template; use /v1/completions.", param="messages")
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    text_bytes = sum(len(m["content"].encode()) for m in messages)
+    _refuse_if_it_cannot_fit(engine, engine.fewest_tokens(text_bytes, len(messages)), "messages")
+    try:
+        prompt_ids = await asyncio.to_thread(engine.encode_chat, messages)
+    except PromptError as exc:
+        raise APIError(400, f"Invalid 'messages': {exc}.", param="messages", code="invalid_value") from exc
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    return _prepared("chat", body, engine, prompt_ids, requested, default_max_tokens, "messages", param)
+
+
+async def prepare_completion(body: CompletionRequest, engine: Engine, default_max_tokens: int) -> Prepared:
+    _check_common(body, engine)
+    prompt = body.prompt_text()
+    _refuse_if_it_cannot_fit(engine, engine.fewest_tokens(len(prompt.encode())), "prompt")
+    prompt_ids = await asyncio.to_thread(engine.encode_prompt, prompt)
+    if not prompt_ids:
+        raise APIError(400, "The prompt is empty: it must hold a token.", param="prompt", code="invalid_value")
+    return _prepared(
+        "completion", body, engine, prompt_ids, body.max_tokens, default_max_tokens, "prompt", "max_tokens"
+    )
+
+
+def _check_common(body: ChatCompletionRequest | CompletionRequest, engine: Engine) -> None:
+    unsupported = body.unsupported_set()
+    if unsupported:
+        raise APIError(
+            400,
+            f"The parameter '{unsupported[0]}' is not supported by this server.",
+            param=unsupported[0],
+            code="unsupported_parameter",
+        )
+    if body.stream_options is not None and not body.stream:
+        raise APIError(400, "stream_options is only allowed with stream=true.", param="stream_options")
+    if body.model != engine.model_name:
+        raise APIError(
+            404,
+            f"The model '{body.model}' does not exist. This server serves '{engine.model_name}'.",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def _refuse_if_it_cannot_fit(engine: Engine, fewest_tokens: int, param: str) -> None:
+    if fewest_tokens >= engine.context_length:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {engine.context_length} tokens. However, your prompt "
+            f"takes at least {fewest_tokens} tokens, which leaves no room for the completion.",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+def _prepared(
+    kind: Kind,
+    body: ChatCompletionRequest | CompletionRequest,
+    engine: Engine,
+    prompt_ids: list[int],
+    requested: int | None,
+    default_max_tokens: int,
+    prompt_param: str,
+    max_tokens_param: str,
+) -> Prepared:
+    limit = engine.context_length
+    if len(prompt_ids) >= limit:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, your prompt has "
+            f"{len(prompt_ids)} tokens, which leaves no room for the completion.",
+            param=prompt_param,
+            code="context_length_exceeded",
+        )
+    # OpenAI answers 400 when max_tokens alone exceeds the window; within it, clamp to what is left.
+    if requested is not None and requested > limit:
+        raise APIError(
+            400,
+            f"{max_tokens_param} is too large: {requested}. This model's maximum context length is {limit} tokens.",
+            param=max_tokens_param,
+            code="context_length_exceeded",
+        )
+    temperature = 1.0 if body.temperature is None else body.temperature
+    params = SamplingParams(
+        max_tokens=min(requested if requested is not None else default_max_tokens, limit - len(prompt_ids)),
+        # Below this, sampling is greedy on both backends (the distribution is one-hot to float precision).
+        temperature=0.0 if temperature < GREEDY_TEMPERATURE else temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        stop=body.stop_list(),
+        seed=body.seed,
+    )
+    return Prepared(
+        kind=kind,
+        model=engine.model_name,
+        prompt_ids=prompt_ids,
+        params=params,
+        stream=bool(body.stream),
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+    )
