@@ -13,6 +13,9 @@ table="inet private_llm_firewall"
 state_dir=/var/lib/private-llm-infra/firewall
 unit=private-llm-infra-firewall-rollback
 confirmed="$state_dir/confirmed.nft"
+# The egress sets of freshly loaded rules are empty until their host names are resolved (after a
+# rollback here; after an apply, by the play once it has confirmed).
+refresh=/usr/local/sbin/private-llm-infra-egress-refresh
 
 # One unit per systemctl call: a call naming a unit that is not loaded does nothing at all.
 cancel_rollback() {
@@ -31,7 +34,7 @@ case "${1:-}" in
     cancel_rollback
     if [ "$timeout" -gt 0 ]; then
       if [ -f "$confirmed" ]; then
-        restore="nft -f '$confirmed' && cp '$confirmed' '$rules'"
+        restore="nft -f '$confirmed' && cp '$confirmed' '$rules' && { $refresh || true; }"
       else
         # Nothing confirmed yet: the way back is no table of ours at all.
         restore="nft delete table $table; cp /dev/null '$rules'"
