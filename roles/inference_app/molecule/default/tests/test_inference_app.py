@@ -3,7 +3,11 @@ runtimes share are in ../../shared/test_app_api.py."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
+
+READY = "http://127.0.0.1:8000/ready"
 
 
 def test_service_runs_as_the_service_user_and_is_enabled(host):
@@ -24,6 +28,8 @@ def test_service_runs_as_the_service_user_and_is_enabled(host):
         ("PrivateDevices", "yes"),
         ("CapabilityBoundingSet", ""),
         ("Restart", "on-failure"),
+        ("NotifyAccess", "main"),
+        ("WatchdogUSec", "10s"),
     ],
 )
 def test_unit_is_hardened(host, prop, value):
@@ -51,3 +57,40 @@ def test_failed_deployments_kept_the_live_release(host):
         pytest.skip("runs in the verify after molecule's side_effect (bad checksum, release that never gets ready)")
     assert host.file("/opt/private-llm/current").linked_to == marker.content_string.strip()
     assert not host.file("/var/lib/private-llm/models/0000000000000000/.unpacked").exists
+
+
+def test_the_app_tells_systemd_it_is_ready(host):
+    assert host.check_output("systemctl show -p StatusText --value private-llm-app") == "ready"
+
+
+def _main_pid(host) -> int:
+    return int(host.check_output("systemctl show -p MainPID --value private-llm-app"))
+
+
+def _seconds_until_ready_again(host, old_pid: int) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < 240:
+        pid = _main_pid(host)
+        if pid not in (0, old_pid) and host.run(f"curl -sf -o /dev/null {READY}").rc == 0:
+            return time.monotonic() - started
+        time.sleep(0.5)
+    raise AssertionError(f"not ready again within 240 s: {host.check_output('systemctl status private-llm-app')}")
+
+
+def test_a_killed_process_is_restarted_and_answers_again(host):
+    pid = _main_pid(host)
+    host.check_output("systemctl kill --signal=KILL private-llm-app")
+    seconds = _seconds_until_ready_again(host, pid)
+    # The target (under 15 s on an idle machine) is measured here and written in the README, not asserted:
+    # this scenario shares the machine with others.
+    print(f"ready again {seconds:.1f} s after SIGKILL")
+
+
+def test_a_frozen_process_is_killed_by_the_watchdog_and_restarted(host):
+    pid = _main_pid(host)
+    since = host.check_output("date '+%Y-%m-%d %H:%M:%S'")
+    host.check_output(f"kill -STOP {pid}")
+    seconds = _seconds_until_ready_again(host, pid)
+    journal = host.check_output(f"journalctl -u private-llm-app --since '{since}' --no-pager")
+    assert "Watchdog timeout" in journal, journal
+    print(f"ready again {seconds:.1f} s after the process froze (watchdog 10 s)")
