@@ -36,6 +36,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=16, ge=1, le=1024, description="sequences decoded together")
     max_queued_requests: int = Field(default=64, ge=0, description="waiting requests before 429")
     max_tokens_default: int = Field(default=512, ge=1, description="max_tokens when a request gives none")
+    max_tokens_limit: int | None = Field(
+        default=None, ge=1, description="longest answer in tokens; a larger max_tokens is clamped (finish: length)"
+    )
     max_model_len: int | None = Field(default=None, ge=16, description="context limit (defaults to the model's)")
     torch_threads: int | None = Field(default=None, ge=1, description="CPU threads for torch")
     prefill_chunk_tokens: int = Field(

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.errors import APIError, error_body, error_response, location_to_param
 from app.api.middleware import BodyLimit, Draining, JSONBodies, RequestObserver
-from app.api.protocol import ChatCompletionChunk
+from app.api.protocol import SEED_RANGE, ChatCompletionChunk
 from app.api.routes import router
 from app.api.services import Services
 from app.engine import Engine
@@ -59,6 +59,9 @@ def _describe(app: FastAPI, services: Services) -> dict[str, Any]:
     chunk = ChatCompletionChunk.model_json_schema(ref_template="#/components/schemas/{model}")
     components.update(chunk.pop("$defs", {}))
     components["ChatCompletionChunk"] = chunk
+    for request in ("ChatCompletionRequest", "CompletionRequest"):
+        # FastAPI's OpenAPI models hold bounds as floats: 2**63 - 1 would come out rounded up to 2**63.
+        components[request]["properties"]["seed"]["anyOf"][0].update(minimum=SEED_RANGE[0], maximum=SEED_RANGE[1])
     engine = services.engine
     if engine is None or not engine.is_ready():
         return schema  # not cached: the model's name and context are not known yet
@@ -123,7 +126,8 @@ def create_app(services: Services, engine_factory: EngineFactory) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = "Unknown route." if exc.status_code == 404 else str(exc.detail)
-        return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code)
+        # 405 carries Allow (RFC 9110), which Starlette puts in the exception's headers.
+        return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

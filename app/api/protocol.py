@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr
 from pydantic.json_schema import SkipJsonSchema
 
 # Accepted by OpenAI, not implemented here: a client that sets one gets a 400 naming it (unsupported_set)
@@ -33,13 +33,24 @@ def _not_a_boolean(value: object) -> object:
     return value
 
 
+def _integer(value: object) -> object:
+    # JSON Schema's integers include 5.0; booleans and strings are not numbers at all.
+    if isinstance(value, bool | str):
+        raise ValueError("must be an integer")
+    return value
+
+
 Text = Annotated[StrictStr, AfterValidator(_text)]
-Number = Annotated[float, BeforeValidator(_not_a_boolean)]
-Temperature = Annotated[Number, Field(ge=0.0, le=2.0)]
-TopP = Annotated[Number, Field(gt=0.0, le=1.0)]
+# Field before the validator: the other order leaves the bounds out of the JSON schema.
+Temperature = Annotated[float, Field(ge=0.0, le=2.0), BeforeValidator(_not_a_boolean)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0), BeforeValidator(_not_a_boolean)]
 # Penalties are accepted at their neutral value only.
-Penalty = Annotated[Number, Field(ge=0.0, le=0.0, description="Only 0 (no penalty) is supported.")]
-Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)]
+Penalty = Annotated[
+    float, Field(ge=0.0, le=0.0, description="Only 0 (no penalty) is supported."), BeforeValidator(_not_a_boolean)
+]
+SEED_RANGE = (-(2**63), 2**63 - 1)
+Seed = Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1]), BeforeValidator(_integer)]
+MaxTokens = Annotated[int, Field(ge=1), BeforeValidator(_integer)]
 Stop = Text | Annotated[list[Text], Field(max_length=4)] | None
 
 
@@ -76,13 +87,22 @@ class StreamOptions(_Strict):
 
 
 class _Common(_Strict):
+    # stream_options only with stream=true, said in the schema as well as checked.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
+            "then": {"required": ["stream"], "properties": {"stream": {"const": True}}},
+        },
+    )
+
     model: Text
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_tokens: MaxTokens | None = None
     stop: Stop = None
     seed: Seed | None = None
-    n: Literal[1] | None = Field(default=None, description="Only 1 is supported.")
+    n: Annotated[int, Field(ge=1, le=1, description="Only 1 is supported."), BeforeValidator(_integer)] | None = None
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = Field(default=None, description="Only with stream=true.")
     user: Text | None = None
@@ -111,7 +131,7 @@ class _Common(_Strict):
 
 class ChatCompletionRequest(_Common):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_completion_tokens: MaxTokens | None = None
     audio: Unsupported = None
     modalities: Unsupported = None
     prediction: Unsupported = None
@@ -119,8 +139,12 @@ class ChatCompletionRequest(_Common):
     web_search_options: Unsupported = None
 
 
+# A prompt must hold a token: an empty one cannot be prefilled.
+PromptText = Annotated[Text, Field(min_length=1)]
+
+
 class CompletionRequest(_Common):
-    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)]
+    prompt: PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=1)]
     suffix: Unsupported = None
     echo: Unsupported = None
     best_of: Unsupported = None

@@ -24,7 +24,7 @@ from app.api.services import Services, get_services
 from app.auth import KeyRecord
 from app.engine import Engine
 from app.serving import pipeline
-from app.serving.requests import prepare_chat, prepare_completion
+from app.serving.requests import Limits, prepare_chat, prepare_completion
 
 router = APIRouter()
 ServicesDep = Annotated[Services, Depends(get_services)]
@@ -46,10 +46,33 @@ _ERROR_DESCRIPTIONS = {
 
 
 def _generation_responses(chunk: type) -> dict[int | str, dict[str, Any]]:
+    # Before OpenAPI 3.2 an event stream's schema describes one event: its data is a chunk, an error when
+    # the engine fails mid-stream, or the closing [DONE].
+    event = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {
+                "anyOf": [
+                    {"const": "[DONE]"},
+                    {
+                        "type": "string",
+                        "contentMediaType": "application/json",
+                        "contentSchema": {
+                            "anyOf": [
+                                {"$ref": f"#/components/schemas/{chunk.__name__}"},
+                                {"$ref": "#/components/schemas/ErrorResponse"},
+                            ]
+                        },
+                    },
+                ]
+            }
+        },
+    }
     return {
         200: {
             "description": "The answer; with stream=true, server-sent events of chunks ending in `data: [DONE]`",
-            "content": {"text/event-stream": {"schema": {"$ref": f"#/components/schemas/{chunk.__name__}"}}},
+            "content": {"text/event-stream": {"schema": event}},
         },
         **_errors(400, 401, 404, 413, 429, 500, 503),
     }
@@ -84,6 +107,11 @@ def ready_engine(services: ServicesDep) -> Engine:
 ReadyEngine = Annotated[Engine, Depends(ready_engine)]
 
 
+def _limits(services: Services) -> Limits:
+    settings = services.settings
+    return Limits(default_max_tokens=settings.max_tokens_default, max_tokens_limit=settings.max_tokens_limit)
+
+
 @router.get("/health", response_model=Status)
 async def health() -> dict[str, str]:
     return {"status": "ok"}
@@ -112,7 +140,7 @@ async def list_models(_: Authenticated, services: ServicesDep) -> ModelList:
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, _: Authenticated, engine: ReadyEngine, services: ServicesDep
 ) -> Response:
-    prepared = await prepare_chat(body, engine, services.settings.max_tokens_default)
+    prepared = await prepare_chat(body, engine, _limits(services))
     return await pipeline.run(prepared, engine, request, services.settings.retry_after_s)
 
 
@@ -120,5 +148,5 @@ async def chat_completions(
 async def completions(
     body: CompletionRequest, request: Request, _: Authenticated, engine: ReadyEngine, services: ServicesDep
 ) -> Response:
-    prepared = await prepare_completion(body, engine, services.settings.max_tokens_default)
+    prepared = await prepare_completion(body, engine, _limits(services))
     return await pipeline.run(prepared, engine, request, services.settings.retry_after_s)

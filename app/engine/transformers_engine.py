@@ -209,7 +209,7 @@ class TransformersEngine(HFTokenization):
         except Exception as exc:  # the loop's own bookkeeping, or a step failing again and again
             if not isinstance(exc, _EngineBrokenError):
                 log.exception("engine loop failed")
-            self._failed = f"engine failure: {type(exc.__cause__ or exc).__name__}"
+            self._failed = self._failed or f"engine failure: {type(exc).__name__}"
             for seq in [*self._running, *(a.seq for a in self._prefilling), *self._waiting]:
                 self._fail(seq, self._failed)
             self._running.clear()
@@ -229,10 +229,13 @@ class TransformersEngine(HFTokenization):
                 extra={"fields": {"requests": len(seqs), "failures_in_a_row": self._failures_in_a_row}},
             )
             undo(*args)
+            if self._failures_in_a_row >= _MAX_CONSECUTIVE_FAILURES:
+                # Known as failed before its requests hear of it: they, and whoever watches, see the same.
+                self._failed = f"engine failure: {type(exc).__name__}"
             for seq in seqs:
                 self._fail(seq, f"The engine failed while serving this request ({type(exc).__name__}).")
             self._update_gauges()
-            if self._failures_in_a_row >= _MAX_CONSECUTIVE_FAILURES:
+            if self._failed is not None:
                 raise _EngineBrokenError from exc
         else:
             self._failures_in_a_row = 0

@@ -30,7 +30,15 @@ class Prepared:
     include_usage: bool
 
 
-async def prepare_chat(body: ChatCompletionRequest, engine: Engine, default_max_tokens: int) -> Prepared:
+@dataclass(frozen=True)
+class Limits:
+    """The server's own bounds on an answer (settings max_tokens_default and max_tokens_limit)."""
+
+    default_max_tokens: int
+    max_tokens_limit: int | None = None
+
+
+async def prepare_chat(body: ChatCompletionRequest, engine: Engine, limits: Limits) -> Prepared:
     _check_common(body, engine)
     if not engine.has_chat_template():
         raise APIError(400, "This model has no chat template; use /v1/completions.", param="messages")
@@ -41,21 +49,23 @@ async def prepare_chat(body: ChatCompletionRequest, engine: Engine, default_max_
         prompt_ids = await asyncio.to_thread(engine.encode_chat, messages)
     except PromptError as exc:
         raise APIError(400, f"Invalid 'messages': {exc}.", param="messages", code="invalid_value") from exc
-    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    return _prepared("chat", body, engine, prompt_ids, requested, default_max_tokens, "messages", param)
+    requested: int | None = body.max_tokens
+    param = "max_tokens"
+    if body.max_completion_tokens is not None:
+        # The older name, when given too, must be valid as well.
+        _refuse_if_over_the_context(engine, body.max_tokens, "max_tokens")
+        requested, param = body.max_completion_tokens, "max_completion_tokens"
+    return _prepared("chat", body, engine, prompt_ids, requested, limits, "messages", param)
 
 
-async def prepare_completion(body: CompletionRequest, engine: Engine, default_max_tokens: int) -> Prepared:
+async def prepare_completion(body: CompletionRequest, engine: Engine, limits: Limits) -> Prepared:
     _check_common(body, engine)
     prompt = body.prompt_text()
     _refuse_if_it_cannot_fit(engine, engine.fewest_tokens(len(prompt.encode())), "prompt")
     prompt_ids = await asyncio.to_thread(engine.encode_prompt, prompt)
     if not prompt_ids:
         raise APIError(400, "The prompt is empty: it must hold a token.", param="prompt", code="invalid_value")
-    return _prepared(
-        "completion", body, engine, prompt_ids, body.max_tokens, default_max_tokens, "prompt", "max_tokens"
-    )
+    return _prepared("completion", body, engine, prompt_ids, body.max_tokens, limits, "prompt", "max_tokens")
 
 
 def _check_common(body: ChatCompletionRequest | CompletionRequest, engine: Engine) -> None:
@@ -89,13 +99,25 @@ def _refuse_if_it_cannot_fit(engine: Engine, fewest_tokens: int, param: str) -> 
         )
 
 
+def _refuse_if_over_the_context(engine: Engine, requested: int | None, param: str) -> None:
+    # OpenAI answers 400 when max_tokens alone exceeds the window; within it, clamp to what is left.
+    if requested is not None and requested > engine.context_length:
+        raise APIError(
+            400,
+            f"{param} is too large: {requested}. This model's maximum context length is "
+            f"{engine.context_length} tokens.",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
 def _prepared(
     kind: Kind,
     body: ChatCompletionRequest | CompletionRequest,
     engine: Engine,
     prompt_ids: list[int],
     requested: int | None,
-    default_max_tokens: int,
+    limits: Limits,
     prompt_param: str,
     max_tokens_param: str,
 ) -> Prepared:
@@ -108,17 +130,14 @@ def _prepared(
             param=prompt_param,
             code="context_length_exceeded",
         )
-    # OpenAI answers 400 when max_tokens alone exceeds the window; within it, clamp to what is left.
-    if requested is not None and requested > limit:
-        raise APIError(
-            400,
-            f"{max_tokens_param} is too large: {requested}. This model's maximum context length is {limit} tokens.",
-            param=max_tokens_param,
-            code="context_length_exceeded",
-        )
+    _refuse_if_over_the_context(engine, requested, max_tokens_param)
     temperature = 1.0 if body.temperature is None else body.temperature
     params = SamplingParams(
-        max_tokens=min(requested if requested is not None else default_max_tokens, limit - len(prompt_ids)),
+        max_tokens=min(
+            requested if requested is not None else limits.default_max_tokens,
+            limits.max_tokens_limit or limit,
+            limit - len(prompt_ids),
+        ),
         # Below this, sampling is greedy on both backends (the distribution is one-hot to float precision).
         temperature=0.0 if temperature < GREEDY_TEMPERATURE else temperature,
         top_p=1.0 if body.top_p is None else body.top_p,

@@ -11,9 +11,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -40,18 +41,14 @@ class Server:
     keys_db: Path
     process: subprocess.Popen[bytes]
     log: Path
-    # Where the server's sd_notify messages arrive, as systemd's NOTIFY_SOCKET would receive them.
-    notifications: socket.socket | None = None
+    # The server's sd_notify messages, read as they come as systemd reads NOTIFY_SOCKET.
+    notifications: list[str] = field(default_factory=list)
 
     def notified(self) -> list[str]:
         """The sd_notify messages received since the last call."""
-        messages: list[str] = []
-        assert self.notifications is not None
-        while True:
-            try:
-                messages.append(self.notifications.recv(4096).decode())
-            except BlockingIOError:
-                return messages
+        messages = self.notifications[:]
+        del self.notifications[: len(messages)]
+        return messages
 
     def client(self, **kwargs: object) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.key, max_retries=0, **kwargs)  # type: ignore[arg-type]
@@ -84,11 +81,11 @@ def start_server(tmp: Path, *extra: str, notify: bool = False) -> Server:
     port = free_port()
     log = tmp / f"server-{port}.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **ENGINE_ENV[ENGINE]}
-    notifications = None
+    notifications: list[str] = []
     if notify:
-        notifications = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        notifications.bind(str(tmp / "notify.sock"))
-        notifications.setblocking(False)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        listener.bind(str(tmp / "notify.sock"))
+        threading.Thread(target=_read_notifications, args=(listener, notifications), daemon=True).start()
         # As systemd sets them for a unit with WatchdogSec=2 and NotifyAccess=main.
         env |= {"NOTIFY_SOCKET": str(tmp / "notify.sock"), "WATCHDOG_USEC": "2000000"}
     process = subprocess.Popen(
@@ -130,6 +127,11 @@ def start_server(tmp: Path, *extra: str, notify: bool = False) -> Server:
         time.sleep(0.5)
     stop_server(server)
     raise RuntimeError(f"server not ready within {READY_TIMEOUT_S} s:\n{log.read_text()}")
+
+
+def _read_notifications(listener: socket.socket, into: list[str]) -> None:
+    while True:
+        into.append(listener.recv(4096).decode())
 
 
 def stop_server(server: Server) -> None:

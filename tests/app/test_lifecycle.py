@@ -10,10 +10,12 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from app.auth import KeyStore
-from tests.app.conftest import MODEL, Server, free_port, run_cli, start_server
+from app.supervisor import EXIT_ENGINE_FAILED
+from tests.app.conftest import ENGINE, MODEL, Server, free_port, run_cli, start_server
 
 
 def test_keys_cli_imports_a_vault_key_by_hash(tmp_path: Path) -> None:
@@ -117,3 +119,36 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path: Path) -> No
         assert server.process.wait(timeout=60) == 0
     assert lines[-1] == "data: [DONE]", "the in-flight stream was cut off"
     assert '"finish_reason":"length"' in lines[-2]
+
+
+@pytest.mark.skipif(
+    ENGINE != "vllm",
+    reason="only vLLM's engine core is a process that can die apart from the server; the transformers "
+    "engine's failures are injected in-process (tests/engine)",
+)
+def test_a_dead_engine_ends_the_server_so_that_systemd_restarts_it(tmp_path: Path) -> None:
+    server = start_server(tmp_path)
+    headers = {"Authorization": f"Bearer {server.key}"}
+    body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 2000, "stream": True}
+    lines: list[str] = []
+    first_chunk = threading.Event()
+
+    def consume() -> None:
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers, timeout=120) as resp:
+            for line in resp.iter_lines():
+                if line:
+                    lines.append(line)
+                    first_chunk.set()
+
+    reader = threading.Thread(target=consume)
+    reader.start()
+    try:
+        assert first_chunk.wait(60)
+        for child in psutil.Process(server.process.pid).children(recursive=True):
+            child.kill()  # vLLM's engine core and whatever it started
+        assert server.process.wait(timeout=60) == EXIT_ENGINE_FAILED
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+        reader.join(60)
+    assert any('"engine_failure"' in line for line in lines), "the in-flight stream was told, not left hanging"
