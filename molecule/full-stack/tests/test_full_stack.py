@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ import httpx
 import openai
 import pytest
 import testinfra
+import yaml
 
 INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
 PORT = int(os.environ.get("PLI_STACK_PORT", "18443"))
@@ -158,3 +160,57 @@ def test_unauthenticated_requests_get_openai_errors(pebble_root):
     response = httpx.get(f"https://127.0.0.1:{PORT}/v1/models", verify=context)
     assert response.status_code == 401
     assert json.loads(response.text)["error"]["type"]
+
+
+@pytest.mark.parametrize("name", sorted(NODES))
+def test_app_data_is_kept_where_the_encrypted_volume_mounts(name):
+    """The data directory defaults onto the first LUKS volume (/srv/private-llm/app). This kernel has
+    no dm-crypt, so the volume is formatted but not opened: the app role accepted the directory only
+    because the inventory says inference_app_allow_unencrypted_data (and refuses otherwise, below)."""
+    node = machine(name)
+    release = node.file("/opt/private-llm/current").linked_to
+    settings = yaml.safe_load(node.file(f"{release}/app.yaml").content_string)
+    assert settings["keys_db"] == "/srv/private-llm/app/keys.db"
+    assert settings["model_cache_dir"] == "/srv/private-llm/app/models/cache"
+    assert node.file("/srv/private-llm/app/keys.db").exists
+    assert node.file("/srv/private-llm/app/models/cache/smollm2-135m-instruct/config.json").exists
+    assert (
+        "ReadWritePaths=/srv/private-llm/app" in node.file("/etc/systemd/system/private-llm-app.service").content_string
+    )
+    assert node.run("cryptsetup isLuks /srv/luks/data.img").rc == 0
+    assert " /srv/private-llm " in node.file("/etc/fstab").content_string
+
+
+def test_the_app_role_refuses_a_data_directory_on_a_plain_disk(tmp_path):
+    """The same role against the same node, without the inventory's permission: the play stops before
+    touching the release, naming the directory and the way out."""
+    playbook = tmp_path / "refuse.yml"
+    playbook.write_text(
+        yaml.safe_dump(
+            [
+                {
+                    "hosts": "pli-stack-node1",
+                    "gather_facts": True,
+                    "tasks": [
+                        {
+                            "ansible.builtin.include_role": {"name": "inference_app", "tasks_from": "encryption.yml"},
+                            "vars": {"inference_app_allow_unencrypted_data": False},
+                        }
+                    ],
+                }
+            ]
+        )
+    )
+    result = subprocess.run(
+        ["ansible-playbook", "-i", INVENTORY, str(playbook)], capture_output=True, text=True, check=False, timeout=300
+    )
+    assert result.returncode != 0
+    assert "/srv/private-llm/app is on" in result.stdout
+    assert "not on an encrypted volume" in result.stdout
+
+
+def test_prompt_bodies_are_buffered_in_memory_at_the_gateway(host):
+    config = host.check_output("nginx -T 2>/dev/null")
+    assert "client_body_temp_path /run/nginx-client-body" in config
+    assert "proxy_max_temp_file_size 0" in config
+    assert host.check_output("findmnt -n -o FSTYPE -T /run") == "tmpfs"
