@@ -78,7 +78,9 @@ def test_renewal_uses_the_distribution_timer(host):
 def test_http_redirects_to_https_but_serves_challenges(client, host):
     headers = client.check_output(f"curl -s -o /dev/null -w '%{{http_code}} %{{redirect_url}}' http://{NAME}/v1/models")
     assert headers == f"301 https://{NAME}/v1/models"
-    host.check_output("echo token-body > /var/lib/private-llm-infra/acme/.well-known/acme-challenge/probe || (mkdir -p /var/lib/private-llm-infra/acme/.well-known/acme-challenge && echo token-body > /var/lib/private-llm-infra/acme/.well-known/acme-challenge/probe)")
+    host.check_output(
+        "echo token-body > /var/lib/private-llm-infra/acme/.well-known/acme-challenge/probe || (mkdir -p /var/lib/private-llm-infra/acme/.well-known/acme-challenge && echo token-body > /var/lib/private-llm-infra/acme/.well-known/acme-challenge/probe)"
+    )
     try:
         body = client.check_output(f"curl -sf http://{NAME}/.well-known/acme-challenge/probe")
     finally:
@@ -115,6 +117,12 @@ def test_burst_beyond_the_limit_gets_429_json(client):
     error = json.loads(result["rejected_body"])["error"]
     assert error["type"] == "rate_limit_error"
     assert error["code"] == "rate_limit_exceeded"
+    # The refusal carries the same security headers as every other answer (and says when to retry).
+    headers = result["rejected_headers"]
+    assert headers["strict-transport-security"].startswith("max-age=")
+    assert headers["x-content-type-options"] == "nosniff"
+    assert "default-src 'none'" in headers["content-security-policy"]
+    assert headers["retry-after"] == "1"
 
 
 def test_event_stream_reaches_the_client_chunk_by_chunk(client):
@@ -155,9 +163,84 @@ def test_unreachable_upstream_answers_503_json(client, host):
     host.check_output("systemctl stop sse-fixture")
     try:
         time.sleep(1)
-        out = client.check_output(f"curl -s -w ' %{{http_code}}' --cacert /tmp/pebble-root.pem https://{NAME}/v1/models")
+        out = client.check_output(
+            f"curl -s -w ' %{{http_code}}' --cacert /tmp/pebble-root.pem https://{NAME}/v1/models"
+        )
     finally:
         host.check_output("systemctl start sse-fixture")
     body, status = out.rsplit(" ", 1)
     assert status == "503"
     assert json.loads(body)["error"]["code"] == "service_unavailable"
+
+
+def curl(client, *args: str) -> tuple[int, dict, str]:
+    """Status, lower-cased headers and body of one request through the gateway."""
+    out = client.check_output(
+        "curl -s -D /tmp/headers -o /tmp/body -w '%{http_code}' --cacert /tmp/pebble-root.pem "
+        + " ".join(args)
+        + "; echo; cat /tmp/headers; echo; cat /tmp/body"
+    )
+    status, rest = out.split("\n", 1)
+    head, _, body = rest.partition("\r\n\r\n")
+    headers = {}
+    for line in head.splitlines()[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(status), headers, body.strip()
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "code"),
+    [
+        (["-X", "TRACE", f"https://{NAME}/v1/models"], 405, "method_not_allowed"),
+        ([f"'https://{NAME}/v1/{'a' * 9000}'"], 414, "uri_too_long"),
+        (["-H", f"'X-Big: {'b' * 40000}'", f"https://{NAME}/v1/models"], 400, "request_header_too_large"),
+        (["-H", "'Transfer-Encoding: gzip'", "-d", "x", f"https://{NAME}/v1/models"], 501, "not_implemented"),
+        ([f"'https://{NAME}/v1/models?api_key=sk-pli-abc_in-the-url'"], 400, "credentials_in_url"),
+    ],
+    ids=["method", "uri", "header", "transfer-encoding", "key-in-url"],
+)
+def test_nginx_own_answers_are_api_json_with_security_headers(client, args, status, code):
+    got, headers, body = curl(client, *args)
+    assert got == status, body
+    assert json.loads(body)["error"]["code"] == code
+    assert headers["content-type"].startswith("application/json")
+    assert headers["strict-transport-security"].startswith("max-age=")
+    assert headers["x-content-type-options"] == "nosniff"
+
+
+def test_a_key_in_the_url_reaches_no_log(client, host):
+    curl(client, f"'https://{NAME}/v1/models?key=sk-pli-logme_0123456789abcdef'")
+    logs = host.check_output("cat /var/log/nginx/access.json.log /var/log/nginx/error.log")
+    assert "sk-pli-logme" not in logs
+
+
+def test_redirect_names_the_configured_server_not_the_clients_host_header(client):
+    out = client.check_output(
+        f"curl -s -o /dev/null -w '%{{http_code}} %{{redirect_url}}' -H 'Host: evil.example' http://{NAME}/v1/models"
+    )
+    assert out == f"301 https://{NAME}/v1/models"
+
+
+def test_metrics_below_the_path_are_not_public_or_redirected(client):
+    got, headers, body = curl(client, f"https://{NAME}/metrics/")
+    assert got == 404
+    assert "location" not in headers
+    assert json.loads(body)["error"]["code"] == "not_found"
+
+
+def test_a_body_trickled_a_byte_at_a_time_is_cut_off(client):
+    result = run_client(client, "trickle", "/v1/chat/completions")
+    # client_body_timeout 5s between two reads: the gateway closes, it does not wait for ever.
+    assert result["closed_after_s"] < 30, result
+
+
+def test_config_loads_without_warnings_and_keeps_prompts_off_the_disk(host):
+    checked = host.run("nginx -t")
+    assert "exceed open file resource limit" not in checked.stderr
+    assert "ssl_stapling" not in checked.stderr
+    config = host.check_output("nginx -T 2>/dev/null")
+    assert "client_body_temp_path /run/nginx-client-body" in config
+    assert "proxy_max_temp_file_size 0" in config
+    assert "ssl_stapling on" not in config
+    assert host.check_output("findmnt -n -o FSTYPE -T /run") == "tmpfs"
