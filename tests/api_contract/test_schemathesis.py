@@ -1,30 +1,18 @@
 """The OpenAPI description is a contract: schemathesis, with every check it has, finds no request that the
 server answers differently from what /openapi.json promises (no 5xx, no undocumented status, no answer off
 its schema, no valid request refused, no invalid one accepted). Bounded and seeded, so a run is repeatable.
-
-The server gives answers of at most 8 tokens (max_tokens_limit): the fuzzer asks for up to the whole
-context, and the contract is about shapes, not about long answers."""
+The server (conftest.py) gives answers of at most 8 tokens: schemathesis asks for up to the whole context."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from tests.app.conftest import Server, start_server, stop_server
+from tests.app.conftest import Server
 
 EXAMPLES = int(os.environ.get("PLI_SCHEMATHESIS_EXAMPLES", "25"))
-
-
-@pytest.fixture(scope="module")
-def contract_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(tmp_path_factory.mktemp("contract"), "--max-tokens-limit", "8")
-    yield running
-    stop_server(running)
 
 
 def test_the_api_keeps_its_openapi_contract(contract_server: Server, tmp_path: Path) -> None:
