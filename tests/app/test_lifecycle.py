@@ -89,12 +89,12 @@ def test_revoked_key_is_refused_at_once(server: Server) -> None:
     assert server.client().models.list().data, "the other keys still work"
 
 
-def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path: Path) -> None:
-    server = start_server(tmp_path, "--drain-timeout-s", "60")
-    headers = {"Authorization": f"Bearer {server.key}"}
-    body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 60, "stream": True}
+def stream_in_background(server: Server, body: dict[str, object]) -> tuple[list[str], threading.Thread]:
+    """Starts a streamed completion on a thread and returns once its first event has arrived: the
+    events (filled as they come) and the thread."""
     lines: list[str] = []
     first_chunk = threading.Event()
+    headers = {"Authorization": f"Bearer {server.key}"}
 
     def consume() -> None:
         with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers, timeout=120) as resp:
@@ -105,7 +105,15 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path: Path) -> No
 
     reader = threading.Thread(target=consume)
     reader.start()
-    assert first_chunk.wait(60)
+    assert first_chunk.wait(60), "no first event within 60 s"
+    return lines, reader
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path: Path) -> None:
+    server = start_server(tmp_path, "--drain-timeout-s", "60")
+    headers = {"Authorization": f"Bearer {server.key}"}
+    body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 60, "stream": True}
+    lines, reader = stream_in_background(server, body)
     server.process.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     try:
@@ -128,22 +136,9 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path: Path) -> No
 )
 def test_a_dead_engine_ends_the_server_so_that_systemd_restarts_it(tmp_path: Path) -> None:
     server = start_server(tmp_path)
-    headers = {"Authorization": f"Bearer {server.key}"}
     body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 2000, "stream": True}
-    lines: list[str] = []
-    first_chunk = threading.Event()
-
-    def consume() -> None:
-        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers, timeout=120) as resp:
-            for line in resp.iter_lines():
-                if line:
-                    lines.append(line)
-                    first_chunk.set()
-
-    reader = threading.Thread(target=consume)
-    reader.start()
+    lines, reader = stream_in_background(server, body)
     try:
-        assert first_chunk.wait(60)
         for child in psutil.Process(server.process.pid).children(recursive=True):
             child.kill()  # vLLM's engine core and whatever it started
         assert server.process.wait(timeout=60) == EXIT_ENGINE_FAILED
