@@ -80,6 +80,7 @@ def build_engine(services: Services) -> Engine:
             VLLMOptions(
                 model_path=settings.model_path,
                 cache_dir=settings.model_cache_dir,
+                compile_cache_dir=settings.compile_cache_dir,
                 served_model_name=settings.served_model_name,
                 dtype=settings.dtype,
                 max_model_len=settings.max_model_len,

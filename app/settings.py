@@ -26,6 +26,10 @@ class Settings(BaseSettings):
         default=Path.home() / ".cache" / "private-llm" / "models",
         description="where converted GGUF models are cached",
     )
+    compile_cache_dir: Path = Field(
+        default=Path.home() / ".cache" / "private-llm" / "compile",
+        description="vllm: where compiled model code is kept, so that a restart loads it instead of compiling again",
+    )
     engine: Literal["auto", "transformers", "vllm"] = Field(
         default="auto",
         description="engine backend; auto: vllm when it is installed and a GPU is present, else transformers",

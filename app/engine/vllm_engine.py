@@ -40,6 +40,7 @@ class _Admission:
 class VLLMOptions:
     model_path: str
     cache_dir: Path
+    compile_cache_dir: Path
     served_model_name: str | None
     dtype: str
     max_model_len: int | None
@@ -78,6 +79,11 @@ class VLLMEngine(HFTokenization):
         folder, self.model_name = resolve_model_folder(
             options.model_path, cache_dir=options.cache_dir, name=options.served_model_name
         )
+        # torch keeps the kernels it compiles under /tmp by default, which the unit's PrivateTmp (and a
+        # container's tmpfs) empties at every start: a restart on a CPU host compiled for ~100 s more
+        # (measured: 170 s to ready with an empty cache, 70 s with a kept one, on two idle cores).
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(options.compile_cache_dir / "torchinductor")
+        os.environ["VLLM_CACHE_ROOT"] = str(options.compile_cache_dir / "vllm")
         # CPU builds size their KV cache from this variable (GiB) instead of a memory fraction.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.cpu_kv_cache_gib))
         if not _cuda_available():

@@ -143,10 +143,34 @@ def stop_server(server: Server) -> None:
             server.process.kill()
 
 
+class SharedServer:
+    """One server for every test that asks for it, started on first use and again for the next test after
+    one ended it (the drain and dead-engine tests end theirs): each start of the vLLM backend costs
+    ~90 CPU seconds, so the suite starts only as many as its tests end."""
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory, name: str, *options: str, notify: bool = False):
+        self._tmp_path_factory = tmp_path_factory
+        self._name = name
+        self._options = options
+        self._notify = notify
+        self._started: list[Server] = []
+
+    def get(self) -> Server:
+        if not self._started or self._started[-1].process.poll() is not None:
+            folder = self._tmp_path_factory.mktemp(self._name)
+            self._started.append(start_server(folder, *self._options, notify=self._notify))
+        return self._started[-1]
+
+    def stop(self) -> None:
+        for running in self._started:
+            stop_server(running)
+
+
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    running = start_server(
-        tmp_path_factory.mktemp("main"),
+def _main_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedServer]:
+    shared = SharedServer(
+        tmp_path_factory,
+        "main",
         "--max-batch-size",
         "16",
         "--max-queued-requests",
@@ -155,15 +179,34 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "1048576",
         notify=True,
     )
-    yield running
-    stop_server(running)
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture
+def server(_main_servers: SharedServer) -> Server:
+    return _main_servers.get()
 
 
 @pytest.fixture(scope="session")
-def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One running slot and one waiting place: the third concurrent request must be refused."""
-    running = start_server(
-        tmp_path_factory.mktemp("small"), "--max-batch-size", "1", "--max-queued-requests", "1", "--retry-after-s", "3"
+def _small_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedServer]:
+    shared = SharedServer(
+        tmp_path_factory,
+        "small",
+        "--max-batch-size",
+        "1",
+        "--max-queued-requests",
+        "1",
+        "--retry-after-s",
+        "3",
+        "--drain-timeout-s",
+        "60",
     )
-    yield running
-    stop_server(running)
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture
+def small_server(_small_servers: SharedServer) -> Server:
+    """One running slot and one waiting place: the third concurrent request must be refused."""
+    return _small_servers.get()

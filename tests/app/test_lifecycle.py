@@ -15,7 +15,7 @@ import pytest
 
 from app.auth import KeyStore
 from app.supervisor import EXIT_ENGINE_FAILED
-from tests.app.conftest import ENGINE, MODEL, Server, free_port, run_cli, start_server
+from tests.app.conftest import ENGINE, MODEL, Server, free_port, run_cli
 
 
 def test_keys_cli_imports_a_vault_key_by_hash(tmp_path: Path) -> None:
@@ -109,8 +109,8 @@ def stream_in_background(server: Server, body: dict[str, object]) -> tuple[list[
     return lines, reader
 
 
-def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path: Path) -> None:
-    server = start_server(tmp_path, "--drain-timeout-s", "60")
+def test_sigterm_drains_in_flight_requests_then_exits_zero(small_server: Server) -> None:
+    server = small_server  # started with --drain-timeout-s 60; ended here, the next user gets a new one
     headers = {"Authorization": f"Bearer {server.key}"}
     body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 60, "stream": True}
     lines, reader = stream_in_background(server, body)
@@ -134,8 +134,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tmp_path: Path) -> No
     reason="only vLLM's engine core is a process that can die apart from the server; the transformers "
     "engine's failures are injected in-process (tests/engine)",
 )
-def test_a_dead_engine_ends_the_server_so_that_systemd_restarts_it(tmp_path: Path) -> None:
-    server = start_server(tmp_path)
+def test_a_dead_engine_ends_the_server_so_that_systemd_restarts_it(server: Server) -> None:
     body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 2000, "stream": True}
     lines, reader = stream_in_background(server, body)
     try:

@@ -25,4 +25,14 @@ def test_the_unit_keeps_its_hardening(host):
 
 def test_vllm_reports_no_usage_statistics(host):
     # vLLM writes what it would report under the service's home (the data directory) when reporting is on.
-    assert host.check_output("find /var/lib/private-llm -path '*vllm*' -name 'usage_stats*'") == ""
+    assert host.check_output("find /var/lib/private-llm /var/cache/pli-compile -name 'usage_stats*'") == ""
+
+
+def test_what_vllm_compiled_is_kept_in_the_compile_cache(host):
+    # Not under /tmp, which the unit's PrivateTmp empties at every start: a restart would compile again.
+    engine_core = host.check_output("pgrep -u llm -f EngineCore | head -1")
+    environment = host.check_output(f"tr '\\0' '\\n' < /proc/{engine_core}/environ").splitlines()
+    assert "TORCHINDUCTOR_CACHE_DIR=/var/cache/pli-compile/torchinductor" in environment
+    assert "/var/cache/pli-compile" in host.check_output("systemctl show -p ReadWritePaths --value private-llm-app")
+    kernels = host.check_output("find /var/cache/pli-compile/torchinductor -name '*.so' | wc -l")
+    assert int(kernels) > 0, "no compiled kernel in the compile cache"
