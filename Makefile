@@ -27,7 +27,9 @@ SCENARIOS := $(sort $(patsubst molecule/%/molecule.yml,%,$(wildcard molecule/*/m
 .PHONY: help up down setup venv venv-vllm wheelhouse wheelhouse-vllm apt-cache collections docker image lint unit unit-vllm molecule scenarios test lock lock-vllm lock-vllm-cuda bench clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@printf '  %-14s %s\n' molecule-ROLE "one role's scenarios, e.g. molecule-nginx ($(ROLES))" \
+	  scenario-NAME "one top-level scenario, e.g. scenario-full-stack ($(SCENARIOS))"
 
 up: setup ## deploy the whole stack onto a local container and print its URL, a key and a real answer
 	scripts/local-up
@@ -80,11 +82,12 @@ docker: ## a running Docker engine (installed from Debian when missing and run a
 image: docker ## the systemd test image (built with debootstrap; cached)
 	molecule/images/build debian12
 
-lint: venv collections ## yamllint, ansible-lint (production profile), ruff, mypy, playbook syntax
+lint: venv collections ## yamllint, ansible-lint (production profile), locks, role docs against their specs, ruff, mypy, playbook syntax
 	yamllint --strict .
 	ansible-lint --profile production
 	scripts/check-locks
-	ruff check app tests bench scripts/install-collections scripts/run-tests scripts/check-locks
+	scripts/check-role-docs
+	ruff check app tests bench scripts/install-collections scripts/run-tests scripts/check-locks scripts/check-role-docs
 	ruff format --check app tests bench
 	@# The cache outlives the clone: a clean clone's full check takes ~60 CPU seconds, a kept cache ~2.
 	@if [[ -d $(PLI_CACHE_DIR)/mypy ]]; then echo "cache: mypy: reused $(PLI_CACHE_DIR)/mypy"; \
