@@ -19,7 +19,8 @@ def _add_settings_options(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         help_text = f"{field.description or name} (env PLI_{name.upper()}; default: {field.default})"
         if field.annotation is bool:
-            parser.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=help_text)
+            # --name and --no-name: a setting that defaults to on (prefix caching) can be switched off here.
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
         choices = None
         if typing.get_origin(field.annotation) is typing.Literal:
@@ -31,7 +32,8 @@ def _add_settings_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", dest="config_file", default=None, help="alias of --config-file")
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The settings `serve` and `check-config` run with: flags over PLI_* variables over the config file."""
     values = {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
     try:
         return Settings(**values)
@@ -42,7 +44,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise SystemExit(2) from exc
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m app", description="private-llm inference service")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -80,16 +82,19 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--hash", dest="key_hash", required=True, help="SHA-256 of the whole key, hex")
         if sub == "revoke":
             p.add_argument("key", help="key id or name")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "check-config":
-        _settings(args)
+        settings_from(args)
         print("settings are valid")
         return 0
     if args.command == "serve":
         from app.server import serve as run_server
 
-        return run_server(_settings(args))
+        return run_server(settings_from(args))
 
     from app.auth import KeyStore, generate_key
 

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.errors import APIError, error_body, error_response, location_to_param
-from app.api.middleware import BodyLimit, Draining, JSONBodies, RequestObserver
+from app.api.middleware import BodyLimit, Draining, JSONBodies, RequestId, RequestObserver
 from app.api.protocol import SEED_RANGE, ChatCompletionChunk
 from app.api.routes import router
 from app.api.services import Services
@@ -114,6 +114,7 @@ def create_app(services: Services, engine_factory: EngineFactory) -> FastAPI:
     app.add_middleware(Draining, services=services)
     app.add_middleware(BodyLimit, services=services)
     app.add_middleware(RequestObserver, services=services)
+    app.add_middleware(RequestId)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import secrets
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -17,9 +19,38 @@ def _is_api(scope: Scope) -> bool:
     return scope["type"] == "http" and str(scope["path"]).startswith("/v1/")
 
 
+# What an incoming X-Request-ID may be to be kept (nginx sends 32 hex digits); anything else is replaced,
+# never copied into a log line or a header.
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+class RequestId:
+    """One id per request, end to end: the gateway's X-Request-ID when it sent a sane one, else a new one;
+    logged with the request (scope state `request_id`) and returned in the X-Request-ID response header."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"")
+        request_id = given.decode() if _REQUEST_ID.fullmatch(given) else secrets.token_hex(16)
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def tag(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message["headers"] = [*headers, (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        await self.app(scope, receive, tag)
+
+
 class RequestObserver:
-    """HTTP metrics by route and status, and one access-log line per request, without any content, query
-    string or credential."""
+    """HTTP metrics by route and status, and one access-log line per request (with its id and the key's
+    id once authenticated), without any content, query string or credential."""
 
     def __init__(self, app: ASGIApp, services: Services) -> None:
         self.app = app
@@ -43,12 +74,16 @@ class RequestObserver:
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.services.metrics.http_responses.labels(route=route, status=str(status)).inc()
+            state = scope.get("state", {})
             fields = {
                 "method": scope["method"],
                 "route": route,
                 "status": status,
                 "duration_ms": round((time.monotonic() - started) * 1000, 1),
+                "request_id": state.get("request_id"),
             }
+            if state.get("key_id") is not None:
+                fields["key_id"] = state["key_id"]
             log.info("request", extra={"fields": fields})
 
 

@@ -88,6 +88,7 @@ def authenticate(request: Request, services: ServicesDep) -> KeyRecord | None:
     record = services.keys.verify(token.strip())
     if record is None:
         raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+    request.state.key_id = record.key_id  # for the access log
     return record
 
 
@@ -125,6 +126,7 @@ async def ready(services: ServicesDep) -> JSONResponse:
 
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(services: ServicesDep) -> Response:
+    services.metrics.record_state(services.state())
     return PlainTextResponse(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

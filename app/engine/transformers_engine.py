@@ -37,7 +37,15 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from app.engine import EngineUnavailableError, GenerationChunk, HFTokenization, QueueFullError, SamplingParams
+from app.engine import (
+    EngineUnavailableError,
+    FinishReason,
+    GenerationChunk,
+    HFTokenization,
+    QueueFullError,
+    SamplingParams,
+)
+from app.engine.accounting import EngineAccounting, RequestAccount
 from app.engine.kv import SPARE_POSITIONS, KVCache, PrefixCache, buffers_of, cache_over, layers_of, stack_left_padded
 from app.engine.loader import LoadedModel
 from app.engine.prefill import Prefiller, Prompt
@@ -56,14 +64,13 @@ class _Sequence:
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
     outputs: asyncio.Queue[GenerationChunk]
-    arrival: float = field(default_factory=time.monotonic)
+    account: RequestAccount
     generated: list[int] = field(default_factory=list)
     emitted_chars: int = 0
     next_input: int = -1
     length: int = 0  # real (unpadded) tokens in the cache
     cancelled: bool = False
     finished: bool = False
-    last_token_at: float = 0.0
     generator: torch.Generator = field(default_factory=lambda: torch.Generator(device="cpu"))
 
     def send(self, chunk: GenerationChunk) -> None:
@@ -102,7 +109,7 @@ class TransformersEngine(HFTokenization):
         self._device = loaded.device
         self.model_name = loaded.name
         self.context_length = min(context_length or loaded.context_length, loaded.context_length)
-        self._metrics = metrics
+        self._accounting = EngineAccounting(metrics, self.model_name)
         self._max_batch = max_batch_size
         self._max_waiting = max_queued_requests
         eos = self._model.generation_config.eos_token_id
@@ -166,14 +173,20 @@ class TransformersEngine(HFTokenization):
         chunk, so the API can still answer 429/503) and return the stream of its chunks."""
         if self._failed is not None or self._stopping or self._thread is None:
             raise EngineUnavailableError(self._failed or "engine is not running")
-        seq = _Sequence(prompt_ids=prompt_ids, params=params, loop=asyncio.get_running_loop(), outputs=asyncio.Queue())
+        seq = _Sequence(
+            prompt_ids=prompt_ids,
+            params=params,
+            loop=asyncio.get_running_loop(),
+            outputs=asyncio.Queue(),
+            account=self._accounting.request(len(prompt_ids)),
+        )
         seq.generator.manual_seed(_torch_seed(params.seed) if params.seed is not None else secrets.randbits(63))
         with self._lock:
             free_slots = self._max_batch - len(self._running) - len(self._prefilling)
             if len(self._waiting) - free_slots >= self._max_waiting:
                 raise QueueFullError(f"{len(self._waiting)} requests are already waiting")
             self._waiting.append(seq)
-            self._metrics.waiting.set(len(self._waiting))
+            self._update_gauges()
         self._wakeup.set()
         return self._stream(seq)
 
@@ -243,17 +256,26 @@ class TransformersEngine(HFTokenization):
     def _fail(self, seq: _Sequence, message: str) -> None:
         if not seq.finished:
             seq.finished = True
+            seq.account.finished("error")
             seq.send(GenerationChunk(text="", error=message))
 
     def _update_gauges(self) -> None:
-        self._metrics.running.set(len(self._running) + len(self._prefilling))
-        self._metrics.waiting.set(len(self._waiting))
+        self._accounting.load(len(self._running) + len(self._prefilling), len(self._waiting))
 
     def _drop_cancelled(self) -> None:
         with self._lock:
             if any(seq.cancelled for seq in self._waiting):
+                for seq in self._waiting:
+                    if seq.cancelled:
+                        seq.account.finished("abort")
                 self._waiting = deque(seq for seq in self._waiting if not seq.cancelled)
+        for admission in self._prefilling:
+            if admission.seq.cancelled:
+                admission.seq.account.finished("abort")
         self._prefilling = [a for a in self._prefilling if not a.seq.cancelled]
+        for seq in self._running:
+            if seq.cancelled:
+                seq.account.finished("abort")
         keep = [i for i, seq in enumerate(self._running) if not seq.cancelled]
         if len(keep) != len(self._running):
             self._select_rows(keep)
@@ -268,7 +290,7 @@ class TransformersEngine(HFTokenization):
             return
         now = time.monotonic()
         for seq in admitted:
-            self._metrics.queue_time.observe(now - seq.arrival)
+            self._accounting.queued(now - seq.account.arrival)
             reused, past = self._prefixes.lookup(seq.prompt_ids)
             # At least the last prompt token goes through the model: its logits give the first new token.
             reused = min(reused, len(seq.prompt_ids) - 1)
@@ -326,7 +348,6 @@ class TransformersEngine(HFTokenization):
         """A prompt is in the cache: remember it for prefix reuse and take its first token."""
         self._prefixes.store(seq.prompt_ids, own)
         seq.length = len(seq.prompt_ids)
-        self._metrics.prompt_tokens.inc(seq.length)
         return self._accept(seq, token)
 
     # --- the running batch ---------------------------------------------------------------------------
@@ -381,7 +402,7 @@ class TransformersEngine(HFTokenization):
 
     def _decode_step(self) -> None:
         batch = self._running
-        self._metrics.batch_size.observe(len(batch))
+        self._accounting.step(len(batch))
         input_ids = torch.tensor([[seq.next_input] for seq in batch], dtype=torch.long, device=self._device)
         positions = torch.tensor([[seq.length] for seq in batch], dtype=torch.long, device=self._device)
         mask = torch.cat([self._mask, torch.ones((len(batch), 1), dtype=torch.long, device=self._device)], dim=1)
@@ -406,20 +427,16 @@ class TransformersEngine(HFTokenization):
         now = time.monotonic()
         if seq.cancelled:
             seq.finished = True
+            seq.account.finished("abort", now)
             return False
         if token is None:
             self._fail(seq, "The model gave no valid next-token distribution for this request (non-finite).")
             return False
         if token in self._eos_ids:
             return self._finish(seq, "stop", now)
-        if seq.generated:
-            self._metrics.inter_token_latency.observe(now - seq.last_token_at)
-        else:
-            self._metrics.time_to_first_token.observe(now - seq.arrival)
-        seq.last_token_at = now
+        seq.account.tokens(1, now)
         seq.generated.append(token)
         seq.next_input = token
-        self._metrics.generation_tokens.inc()
 
         text = self._tokenizer.decode(seq.generated, skip_special_tokens=True)
         stops = seq.params.stop
@@ -442,17 +459,16 @@ class TransformersEngine(HFTokenization):
             seq.emitted_chars = safe
         return True
 
-    def _finish(self, seq: _Sequence, reason: str, now: float, final_text: str | None = None) -> bool:
+    def _finish(self, seq: _Sequence, reason: FinishReason, now: float, final_text: str | None = None) -> bool:
         if final_text is None:
             final_text = self._tokenizer.decode(seq.generated, skip_special_tokens=True)
         tail = final_text[seq.emitted_chars :] if len(final_text) > seq.emitted_chars else ""
         seq.finished = True
-        self._metrics.e2e_latency.observe(now - seq.arrival)
-        self._metrics.request_success.labels(finished_reason=reason).inc()
+        seq.account.finished(reason, now)
         seq.send(
             GenerationChunk(
                 text=tail,
-                finish_reason=reason,  # type: ignore[arg-type]
+                finish_reason=reason,
                 prompt_tokens=len(seq.prompt_ids),
                 completion_tokens=len(seq.generated),
             )

@@ -13,14 +13,21 @@ import asyncio
 import logging
 import os
 import secrets
-import time
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.engine import EngineUnavailableError, GenerationChunk, HFTokenization, QueueFullError, SamplingParams
+from app.engine import (
+    EngineUnavailableError,
+    FinishReason,
+    GenerationChunk,
+    HFTokenization,
+    QueueFullError,
+    SamplingParams,
+)
+from app.engine.accounting import EngineAccounting
 from app.engine.loader import ModelLoadError, resolve_model_folder
 from app.metrics import Metrics
 
@@ -107,10 +114,10 @@ class VLLMEngine(HFTokenization):
             tensor_parallel_size=options.tensor_parallel_size,
             enable_prefix_caching=options.enable_prefix_caching,
         )
-        self._metrics = metrics
+        self._accounting = EngineAccounting(metrics, self.model_name)
         self._max_running = options.max_num_seqs
         self._max_waiting = options.max_queued_requests
-        self._engine: Any = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(metrics)])
+        self._engine: Any = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(self._accounting)])
         self._tokenizer: Any = self._engine.get_tokenizer()
         self.context_length = int(self._engine.model_config.max_model_len)
         self._active = 0
@@ -166,10 +173,17 @@ class VLLMEngine(HFTokenization):
         if not admission.started:
             self._release()
 
+    def _account_queue_time(self, output: Any) -> None:
+        """From the engine core's own timestamps, read with the request's first output: known before the
+        answer is, unlike what vLLM's stat loggers report a step later."""
+        stats = getattr(output, "metrics", None)
+        queued, scheduled = getattr(stats, "queued_ts", 0.0), getattr(stats, "scheduled_ts", 0.0)
+        if queued and scheduled:
+            self._accounting.queued(scheduled - queued)
+
     def _update_gauges(self) -> None:
         # Our own count, so a cancelled request leaves the gauges at once (vLLM reports on its next step).
-        self._metrics.running.set(min(self._active, self._max_running))
-        self._metrics.waiting.set(max(0, self._active - self._max_running))
+        self._accounting.load(min(self._active, self._max_running), max(0, self._active - self._max_running))
 
     async def _stream(
         self, prompt_ids: list[int], params: SamplingParams, admission: _Admission
@@ -187,37 +201,26 @@ class VLLMEngine(HFTokenization):
             seed=params.seed,
             output_kind=RequestOutputKind.DELTA,
         )
-        arrival = time.monotonic()
-        last_token_at = 0.0
-        generated = 0
+        account = self._accounting.request(len(prompt_ids))
         finished = False
         try:
             async for output in self._engine.generate({"prompt_token_ids": prompt_ids}, sampling, request_id):
                 completion = output.outputs[0]
-                now = time.monotonic()
-                new_tokens = len(completion.token_ids)
-                if new_tokens:
-                    if generated == 0:
-                        self._metrics.time_to_first_token.observe(now - arrival)
-                    else:
-                        self._metrics.inter_token_latency.observe((now - last_token_at) / new_tokens)
-                    last_token_at = now
-                    generated += new_tokens
-                    self._metrics.generation_tokens.inc(new_tokens)
+                if account.generated == 0:
+                    self._account_queue_time(output)
+                account.tokens(len(completion.token_ids))
                 if not output.finished:
                     if completion.text:
                         yield GenerationChunk(text=completion.text)
                     continue
                 finished = True
-                reason = "length" if completion.finish_reason == "length" else "stop"
-                self._metrics.prompt_tokens.inc(len(prompt_ids))
-                self._metrics.e2e_latency.observe(now - arrival)
-                self._metrics.request_success.labels(finished_reason=reason).inc()
+                reason: FinishReason = "length" if completion.finish_reason == "length" else "stop"
+                account.finished(reason)
                 yield GenerationChunk(
                     text=completion.text,
-                    finish_reason=reason,  # type: ignore[arg-type]
+                    finish_reason=reason,
                     prompt_tokens=len(prompt_ids),
-                    completion_tokens=generated,
+                    completion_tokens=account.generated,
                 )
                 return
             if not finished:
@@ -227,10 +230,12 @@ class VLLMEngine(HFTokenization):
             if self._engine.errored:
                 self._failed = f"engine failure: {type(exc).__name__}"
             finished = True  # nothing left to abort
+            account.finished("error")
             yield GenerationChunk(text="", error=self._failed or f"engine error: {type(exc).__name__}")
         finally:
             self._release()
             if not finished:
+                account.finished("abort")
                 # Client gone or consumer stopped early: free the sequence's slot and KV blocks now. A task,
                 # because a generator being closed may not await.
                 task = asyncio.get_running_loop().create_task(self._engine.abort(request_id))
@@ -238,9 +243,9 @@ class VLLMEngine(HFTokenization):
                 task.add_done_callback(self._aborts.discard)
 
 
-def _stat_logger_factory(metrics: Metrics) -> Any:
-    """vLLM calls its stat loggers once per engine step: the per-step batch size and the scheduler's own
-    queue time come from there (their classes are not a stable vLLM interface: read defensively)."""
+def _stat_logger_factory(accounting: EngineAccounting) -> Any:
+    """vLLM calls its stat loggers once per engine step: the per-step batch size and the KV cache's use
+    come from there (their classes are not a stable vLLM interface: read defensively)."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class _StepStats(StatLoggerBase):  # type: ignore[misc]  # vLLM is untyped where it is not installed
@@ -255,10 +260,10 @@ def _stat_logger_factory(metrics: Metrics) -> Any:
             engine_idx: int = 0,
         ) -> None:
             generated = int(getattr(iteration_stats, "num_generation_tokens", 0) or 0)
-            if scheduler_stats is not None and generated:
-                metrics.batch_size.observe(getattr(scheduler_stats, "num_running_reqs", 0))
-            for finished in getattr(iteration_stats, "finished_requests", None) or []:
-                metrics.queue_time.observe(getattr(finished, "queued_time", 0.0))
+            if scheduler_stats is not None:
+                if generated:
+                    accounting.step(int(getattr(scheduler_stats, "num_running_reqs", 0) or 0))
+                accounting.kv_cache_usage(float(getattr(scheduler_stats, "kv_cache_usage", 0.0) or 0.0))
 
         def log_engine_initialized(self) -> None:
             pass

@@ -53,12 +53,16 @@ class Server:
     def client(self, **kwargs: object) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.key, max_retries=0, **kwargs)  # type: ignore[arg-type]
 
-    def metric(self, name: str) -> float:
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of a series over its label sets, or over those carrying every label given."""
         text = httpx.get(f"{self.url}/metrics").text
+        wanted = [f'{key}="{value}"' for key, value in labels.items()]
         total = 0.0
         for line in text.splitlines():
             if line.startswith(name + " ") or line.startswith(name + "{"):
-                total += float(line.rsplit(" ", 1)[1])
+                label_set = line[len(name) :].partition("}")[0]
+                if all(label in label_set for label in wanted):
+                    total += float(line.rsplit(" ", 1)[1])
         return total
 
 

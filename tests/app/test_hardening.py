@@ -147,11 +147,16 @@ def test_tens_of_thousands_of_messages_are_refused_without_rendering_them(server
     _still_answers(server)
 
 
+def _answered(server: Server) -> float:
+    return sum(server.metric("vllm:request_success_total", finished_reason=reason) for reason in ("stop", "length"))
+
+
 def test_non_streamed_request_is_cancelled_when_its_client_goes(server: Server) -> None:
     # Counting never reaches an end-of-sequence token within 2000 tokens.
     body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 2000}
-    finished_before = server.metric("private_llm_request_success_total")
-    tokens_before = server.metric("private_llm_generation_tokens_total")
+    answered_before = _answered(server)
+    aborted_before = server.metric("vllm:request_success_total", finished_reason="abort")
+    tokens_before = server.metric("vllm:generation_tokens_total")
 
     async def give_up_after_a_few_tokens() -> None:
         async with httpx.AsyncClient(base_url=server.url) as client:
@@ -159,7 +164,7 @@ def test_non_streamed_request_is_cancelled_when_its_client_goes(server: Server) 
                 client.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {server.key}"})
             )
             for _ in range(600):
-                if server.metric("private_llm_generation_tokens_total") - tokens_before >= 3:
+                if server.metric("vllm:generation_tokens_total") - tokens_before >= 3:
                     break
                 await asyncio.sleep(0.1)
             request.cancel()  # closes the connection mid-generation
@@ -167,11 +172,12 @@ def test_non_streamed_request_is_cancelled_when_its_client_goes(server: Server) 
 
     asyncio.run(give_up_after_a_few_tokens())
     deadline = time.monotonic() + 30
-    while server.metric("private_llm_num_requests_running") != 0 and time.monotonic() < deadline:
+    while server.metric("vllm:num_requests_running") != 0 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert server.metric("private_llm_num_requests_running") == 0
-    assert server.metric("private_llm_request_success_total") == finished_before, "the request ran to its end"
-    assert server.metric("private_llm_generation_tokens_total") - tokens_before < 1000
+    assert server.metric("vllm:num_requests_running") == 0
+    assert _answered(server) == answered_before, "the request ran to its end"
+    assert server.metric("vllm:request_success_total", finished_reason="abort") == aborted_before + 1
+    assert server.metric("vllm:generation_tokens_total") - tokens_before < 1000
 
 
 def test_systemd_is_told_the_state_and_fed_the_watchdog(server: Server) -> None:

@@ -13,6 +13,7 @@ import openai
 import psutil
 import pytest
 
+from app.__main__ import build_parser, settings_from
 from app.auth import KeyStore
 from app.supervisor import EXIT_ENGINE_FAILED
 from tests.app.conftest import ENGINE, MODEL, Server, free_port, run_cli
@@ -118,6 +119,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(small_server: Server)
     time.sleep(0.3)
     try:
         assert httpx.get(f"{server.url}/ready").status_code == 503
+        assert server.metric("private_llm_state", state="draining") == 1
         refused = httpx.post(f"{server.url}/v1/completions", json={**body, "stream": False}, headers=headers)
         assert refused.status_code == 503
         assert refused.json()["error"]["code"] == "draining"
@@ -146,3 +148,10 @@ def test_a_dead_engine_ends_the_server_so_that_systemd_restarts_it(server: Serve
             server.process.kill()
         reader.join(60)
     assert any('"engine_failure"' in line for line in lines), "the in-flight stream was told, not left hanging"
+
+
+def test_a_setting_that_defaults_to_on_can_be_switched_off_by_flag() -> None:
+    parser = build_parser()
+    assert settings_from(parser.parse_args(["serve"])).enable_prefix_caching is True
+    assert settings_from(parser.parse_args(["serve", "--no-enable-prefix-caching"])).enable_prefix_caching is False
+    assert settings_from(parser.parse_args(["serve", "--insecure-no-auth"])).insecure_no_auth is True

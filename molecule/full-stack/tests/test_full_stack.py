@@ -52,7 +52,7 @@ def request_count(node: str) -> float:
     metrics = machine(node).check_output(f"curl -s http://{NODES[node]}:8000/metrics")
     total = 0.0
     for line in metrics.splitlines():
-        if line.startswith("private_llm_request_success_total"):
+        if line.startswith("vllm:request_success_total"):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
