@@ -75,7 +75,12 @@ def test_fstab_records_the_mounts_with_nofail(host):
 
 
 def test_header_backups_reach_the_controller(host):
-    backup_dir = Path(os.environ["LUKS_HEADER_BACKUP_DIR"]) / host.backend.get_hostname()
+    # The role's default place: the controller user's data directory, private, outside the inventory.
+    backups = Path(os.environ["LUKS_HEADER_BACKUP_DIR"])
+    assert backups.stat().st_mode & 0o777 == 0o700
+    inventory = Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent
+    assert inventory not in backups.parents, "header backups inside the inventory would be parsed as inventory"
+    backup_dir = backups / host.backend.get_hostname()
     for name in ("data", "secrets"):
         header = backup_dir / f"{name}.header"
         assert header.stat().st_size > 0
