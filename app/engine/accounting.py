@@ -8,7 +8,7 @@ once, with vLLM's finish reasons (stop, length, abort, error).
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Literal, get_args
 
 from app.metrics import Metrics
 
@@ -20,8 +20,6 @@ class EngineAccounting:
 
     def __init__(self, metrics: Metrics, model_name: str) -> None:
         labels = {"model_name": model_name, "engine": "0"}
-        self._labels = labels
-        self._metrics = metrics
         self._running = metrics.running.labels(**labels)
         self._waiting = metrics.waiting.labels(**labels)
         self._kv_cache_usage = metrics.kv_cache_usage.labels(**labels)
@@ -33,8 +31,9 @@ class EngineAccounting:
         self.prompt_tokens = metrics.prompt_tokens.labels(**labels)
         self.generation_tokens = metrics.generation_tokens.labels(**labels)
         # Every reason present from the start: a rate over a series that does not exist yet is no rate.
-        for reason in ("stop", "length", "abort", "error"):
-            metrics.request_success.labels(**labels, finished_reason=reason)
+        self._finished = {
+            reason: metrics.request_success.labels(**labels, finished_reason=reason) for reason in get_args(Outcome)
+        }
         self._running.set(0)
         self._waiting.set(0)
 
@@ -57,7 +56,7 @@ class EngineAccounting:
         self._kv_cache_usage.set(fraction)
 
     def finished(self, reason: Outcome) -> None:
-        self._metrics.request_success.labels(**self._labels, finished_reason=reason).inc()
+        self._finished[reason].inc()
 
 
 class RequestAccount:

@@ -262,21 +262,19 @@ class TransformersEngine(HFTokenization):
     def _update_gauges(self) -> None:
         self._accounting.load(len(self._running) + len(self._prefilling), len(self._waiting))
 
+    @staticmethod
+    def _still_wanted(seq: _Sequence) -> bool:
+        """False for a cancelled sequence, whose request is then accounted as aborted."""
+        if seq.cancelled:
+            seq.account.finished("abort")
+        return not seq.cancelled
+
     def _drop_cancelled(self) -> None:
         with self._lock:
             if any(seq.cancelled for seq in self._waiting):
-                for seq in self._waiting:
-                    if seq.cancelled:
-                        seq.account.finished("abort")
-                self._waiting = deque(seq for seq in self._waiting if not seq.cancelled)
-        for admission in self._prefilling:
-            if admission.seq.cancelled:
-                admission.seq.account.finished("abort")
-        self._prefilling = [a for a in self._prefilling if not a.seq.cancelled]
-        for seq in self._running:
-            if seq.cancelled:
-                seq.account.finished("abort")
-        keep = [i for i, seq in enumerate(self._running) if not seq.cancelled]
+                self._waiting = deque(seq for seq in self._waiting if self._still_wanted(seq))
+        self._prefilling = [a for a in self._prefilling if self._still_wanted(a.seq)]
+        keep = [i for i, seq in enumerate(self._running) if self._still_wanted(seq)]
         if len(keep) != len(self._running):
             self._select_rows(keep)
         self._update_gauges()
