@@ -1,5 +1,5 @@
-"""Keeps the process honest about its engine: tells systemd the state (sd_notify STATUS, and WATCHDOG
-pings while the engine is healthy), and ends the process when the engine cannot go on, so that systemd
+"""Keeps the process honest about its engine: tells systemd the state (sd_notify READY once the server
+listens, STATUS, and WATCHDOG pings while the engine is healthy), and ends the process when the engine cannot go on, so that systemd
 (Restart=on-failure) starts it afresh instead of leaving a process that answers 503 forever.
 
 - Engine failed (`failure()`): exit with EXIT_ENGINE_FAILED after the in-flight requests, which the
@@ -66,10 +66,18 @@ class Supervisor:
         self._request_exit = request_exit
         self._abort = abort
         self._last_status = ""
+        self._told_ready = False
         self.exit_code = 0
 
     def check(self) -> None:
-        """Called about once a second from the event loop."""
+        """Called about once a second from the event loop, the first time once the server listens."""
+        if not self._told_ready:
+            # Type=notify: systemd arms the watchdog at READY, not at exec, so the imports and the
+            # server's start (tens of seconds on a busy host) are bounded by TimeoutStartSec instead of
+            # being killed for missing pings nothing could have sent yet. The model may still be loading:
+            # /ready and STATUS say when it is.
+            self.notifier.notify(READY="1")
+            self._told_ready = True
         services = self.services
         engine = services.engine
         state = services.state()

@@ -181,8 +181,9 @@ def test_non_streamed_request_is_cancelled_when_its_client_goes(server: Server) 
 
 
 def test_systemd_is_told_the_state_and_fed_the_watchdog(server: Server) -> None:
-    """The server runs with NOTIFY_SOCKET and WATCHDOG_USEC as under systemd (conftest): it says it is
-    ready (within a tick of /ready saying so), and it pings the watchdog while its engine is healthy."""
+    """The server runs with NOTIFY_SOCKET and WATCHDOG_USEC as under systemd (conftest): it says READY
+    once (Type=notify: the watchdog is armed from then on), that its engine is ready (within a tick of
+    /ready saying so), and it pings the watchdog while its engine is healthy."""
     messages: list[str] = []
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -192,5 +193,7 @@ def test_systemd_is_told_the_state_and_fed_the_watchdog(server: Server) -> None:
         time.sleep(0.2)
     assert "STATUS=ready" in messages, messages
     assert messages[messages.index("STATUS=ready") :].count("WATCHDOG=1") >= 2, messages
+    assert messages.count("READY=1") == 1, messages
+    assert messages.index("READY=1") < messages.index("STATUS=ready"), messages
     log = server.log.read_text()
     assert "Traceback" not in log, "an unexpected error was logged"
