@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import typing
-from datetime import UTC, datetime
-from pathlib import Path
 
 from pydantic import ValidationError
 
+from app.cli_keys import add_keys_commands, run_keys_command
 from app.settings import Settings
 
 
@@ -63,25 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings_options(check)
 
     keys = commands.add_parser("keys", help="manage API keys")
-    keys_commands = keys.add_subparsers(dest="keys_command", required=True)
-    keys_help = {
-        "create": "create a key and print it (shown once)",
-        "generate": "print a new key without storing it (to keep in a vault; deploy it with import-hash)",
-        "import-hash": "store a key known only by its id and SHA-256 hash (deployment from a vault)",
-        "list": "list keys (never the keys themselves)",
-        "revoke": "revoke a key by id or name",
-    }
-    for sub, help_text in keys_help.items():
-        p = keys_commands.add_parser(sub, help=help_text)
-        if sub != "generate":
-            p.add_argument("--keys-db", type=Path, default=None, help="SQLite key database (env PLI_KEYS_DB)")
-        if sub in ("create", "import-hash"):
-            p.add_argument("--name", required=True, help="who or what the key is for")
-        if sub == "import-hash":
-            p.add_argument("--key-id", required=True, help="the part between sk-pli- and _ in the key")
-            p.add_argument("--hash", dest="key_hash", required=True, help="SHA-256 of the whole key, hex")
-        if sub == "revoke":
-            p.add_argument("key", help="key id or name")
+    add_keys_commands(keys)
     return parser
 
 
@@ -96,34 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_server(settings_from(args))
 
-    from app.auth import KeyStore, generate_key
-
-    if args.keys_command == "generate":
-        print(generate_key())
-        return 0
-    db = args.keys_db or Settings().keys_db
-    store = KeyStore(db)
-    if args.keys_command == "create":
-        print(store.create(args.name))
-        return 0
-    if args.keys_command == "import-hash":
-        if not re.fullmatch(r"[0-9a-f]{64}", args.key_hash) or not re.fullmatch(r"[0-9A-Za-z-]+", args.key_id):
-            print("error: --hash must be 64 lowercase hex digits and --key-id letters, digits or -", file=sys.stderr)
-            return 2
-        print("added" if store.import_hash(args.name, args.key_id, args.key_hash) else "present")
-        return 0
-    if args.keys_command == "list":
-        for record in store.list():
-            created = datetime.fromtimestamp(record.created_at, UTC).isoformat(timespec="seconds")
-            state = "revoked" if record.revoked_at else "active"
-            print(f"{record.key_id}\t{record.name}\t{created}\t{state}")
-        return 0
-    revoked = store.revoke(args.key)
-    if revoked == 0:
-        print(f"error: no active key with id or name '{args.key}'", file=sys.stderr)
-        return 1
-    print(f"revoked {revoked} key(s)", file=sys.stderr)
-    return 0
+    return run_keys_command(args)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,12 @@ class Metrics:
         self.http_responses = Counter(
             f"{PREFIX}_http_responses", "HTTP responses by route and status.", ["route", "status"], registry=r
         )
+        self.quota_rejections = Counter(
+            f"{PREFIX}_quota_rejections",
+            "Requests refused with 429 for a key's quota, by what ran out (requests or tokens).",
+            ["kind"],
+            registry=r,
+        )
         self.state = Gauge(
             f"{PREFIX}_state",
             "1 for the state the server is in (what /ready reports), 0 for the others.",

@@ -17,12 +17,13 @@ import uvicorn
 
 from app.api.app import create_app
 from app.api.services import Services
-from app.auth import KeyStore
+from app.auth import Authenticator, KeyStore, TokenService
 from app.engine import Engine
 from app.engine.loader import load_model
 from app.engine.transformers_engine import TransformersEngine
 from app.metrics import Metrics
 from app.settings import Settings
+from app.store import open_database
 from app.supervisor import Notifier, Supervisor
 
 
@@ -147,23 +148,36 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
+def _token_service(settings: Settings) -> TokenService | None:
+    if settings.jwt_keyring_file is None:
+        return None
+    return TokenService(
+        settings.jwt_keyring_file,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        ttl_s=settings.jwt_ttl_s,
+        max_ttl_s=settings.jwt_max_ttl_s,
+    )
+
+
 def serve(settings: Settings) -> int:
     configure_logging(settings.log_level)
     # A fatal signal (systemd's watchdog sends SIGABRT) leaves every thread's stack in the journal.
     faulthandler.enable()
-    keys: KeyStore | None = None
+    auth: Authenticator | None = None
     if not settings.insecure_no_auth:
-        keys = KeyStore(settings.keys_db)
-        if keys.active_count() == 0:
+        keys = KeyStore(open_database(settings.keys_db))
+        if keys.usable_count() == 0:
             logging.getLogger("app").error(
-                "refusing to start: no API key in %s: create one with "
-                "'python -m app keys create --name NAME --keys-db %s', "
+                "refusing to start: no usable API key in %s (none, or all revoked or expired): create one "
+                "with 'python -m app keys create --name NAME --tenant TENANT --keys-db %s', "
                 "or start with --insecure-no-auth for local development",
                 settings.keys_db,
                 settings.keys_db,
             )
             return 2
-    services = Services(settings=settings, metrics=Metrics(), keys=keys)
+        auth = Authenticator(keys, _token_service(settings))
+    services = Services(settings=settings, metrics=Metrics(), auth=auth)
     app = create_app(services, build_engine)
     config = uvicorn.Config(
         app,

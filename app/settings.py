@@ -60,6 +60,16 @@ class Settings(BaseSettings):
 
     keys_db: Path = Field(default=Path("keys.db"), description="SQLite database of API key hashes")
     insecure_no_auth: bool = Field(default=False, description="serve without API keys (local development only)")
+    jwt_keyring_file: Path | None = Field(
+        default=None,
+        description="YAML keyring of HS256 signing keys for access tokens (POST /v1/auth/token); none: no tokens",
+    )
+    jwt_issuer: str = Field(default="private-llm", min_length=1, description="iss of issued and accepted tokens")
+    jwt_audience: str = Field(default="private-llm", min_length=1, description="aud of issued and accepted tokens")
+    jwt_ttl_s: int = Field(default=900, ge=60, description="lifetime of an issued access token unless asked shorter")
+    jwt_max_ttl_s: int = Field(
+        default=3600, ge=60, le=86_400, description="longest access token lifetime issued or accepted"
+    )
 
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="largest accepted request body")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM: time allowed for in-flight requests")
@@ -75,6 +85,13 @@ class Settings(BaseSettings):
     def _check_paths(self) -> Settings:
         if self.model_path and not Path(self.model_path).exists():
             raise ValueError(f"model_path {self.model_path} does not exist")
+        if self.jwt_keyring_file is not None:
+            from app.auth.tokens import KeyringError, load_keyring
+
+            try:
+                load_keyring(self.jwt_keyring_file)
+            except KeyringError as exc:
+                raise ValueError(f"jwt_keyring_file: {exc}") from exc
         return self
 
     @classmethod

@@ -1,6 +1,7 @@
 """Keeps the process honest about its engine: tells systemd the state (sd_notify READY once the server
-listens, STATUS, and WATCHDOG pings while the engine is healthy), and ends the process when the engine cannot go on, so that systemd
-(Restart=on-failure) starts it afresh instead of leaving a process that answers 503 forever.
+listens, STATUS, and WATCHDOG pings while the engine is healthy), and ends the process when the engine
+cannot go on, so that systemd (Restart=on-failure) starts it afresh instead of leaving a process that
+answers 503 forever.
 
 - Engine failed (`failure()`): exit with EXIT_ENGINE_FAILED after the in-flight requests, which the
   engine has already failed, are answered.

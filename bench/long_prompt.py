@@ -110,7 +110,19 @@ async def measure(url: str, key: str, prompt: str) -> dict[str, Any]:
 def start(port: int, chunk_tokens: int, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     keys_db = workdir / "keys.db"
     key = subprocess.run(
-        [sys.executable, "-m", "app", "keys", "create", "--name", "bench", "--keys-db", str(keys_db)],
+        [
+            sys.executable,
+            "-m",
+            "app",
+            "keys",
+            "create",
+            "--name",
+            "bench",
+            "--tenant",
+            "bench",
+            "--keys-db",
+            str(keys_db),
+        ],
         capture_output=True,
         text=True,
         check=True,

@@ -150,7 +150,7 @@ def start(kind: str, port: int, workdir: Path) -> tuple[subprocess.Popen[bytes],
     python = str(VLLM_PYTHON) if kind == "vllm" else sys.executable
     keys_db = Path(tempfile.mkdtemp(prefix="pli-bench-")) / "keys.db"
     key = subprocess.run(
-        [python, "-m", "app", "keys", "create", "--name", "bench", "--keys-db", str(keys_db)],
+        [python, "-m", "app", "keys", "create", "--name", "bench", "--tenant", "bench", "--keys-db", str(keys_db)],
         capture_output=True,
         text=True,
         check=True,

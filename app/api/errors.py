@@ -30,6 +30,7 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        type_: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -37,17 +38,26 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.headers = headers or {}
+        # OpenAI's rate-limit errors name what ran out ("requests", "tokens") instead of a class of error.
+        self.type = type_ or _TYPES.get(status, "invalid_request_error")
 
 
-def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+def error_body(
+    status: int, message: str, param: str | None = None, code: str | None = None, type_: str | None = None
+) -> dict[str, Any]:
     return {
-        "error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"), "param": param, "code": code}
+        "error": {
+            "message": message,
+            "type": type_ or _TYPES.get(status, "invalid_request_error"),
+            "param": param,
+            "code": code,
+        }
     }
 
 
 def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(
-        error_body(error.status, error.message, error.param, error.code),
+        error_body(error.status, error.message, error.param, error.code, error.type),
         status_code=error.status,
         headers=error.headers,
     )

@@ -251,3 +251,13 @@ class ErrorResponse(BaseModel):
 
 class Status(BaseModel):
     status: str
+
+
+class TokenRequest(_Strict):
+    expires_in: int | None = Field(default=None, ge=60, description="seconds; at most the server's maximum")
+
+
+class AccessToken(BaseModel):
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"  # noqa: S105 (a scheme name, not a secret)
+    expires_in: int

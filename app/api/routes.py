@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from app.api.dependencies import Authenticated, ReadyEngine, ServicesDep
 from app.api.errors import APIError
 from app.api.protocol import (
+    AccessToken,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -19,15 +21,13 @@ from app.api.protocol import (
     ModelCard,
     ModelList,
     Status,
+    TokenRequest,
 )
-from app.api.services import Services, get_services
-from app.auth import KeyRecord
-from app.engine import Engine
+from app.api.services import Services
 from app.serving import pipeline
 from app.serving.requests import Limits, prepare_chat, prepare_completion
 
 router = APIRouter()
-ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -36,10 +36,10 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 _ERROR_DESCRIPTIONS = {
     400: "Malformed or unsupported request (the error names the parameter)",
-    401: "Missing, unknown or revoked API key",
+    401: "Missing, unknown, revoked or expired API key or access token",
     404: "Unknown model",
     413: "Request body too large",
-    429: "Server at capacity; see Retry-After",
+    429: "The key's rate limit or the server's capacity reached; see Retry-After",
     500: "The engine failed while serving this request",
     503: "Loading, draining, or the engine has failed; see Retry-After",
 }
@@ -78,36 +78,6 @@ def _generation_responses(chunk: type) -> dict[int | str, dict[str, Any]]:
     }
 
 
-def authenticate(request: Request, services: ServicesDep) -> KeyRecord | None:
-    if services.keys is None:  # --insecure-no-auth
-        return None
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>'.", code="missing_api_key")
-    record = services.keys.verify(token.strip())
-    if record is None:
-        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
-    request.state.key_id = record.key_id  # for the access log
-    return record
-
-
-Authenticated = Annotated[KeyRecord | None, Depends(authenticate)]
-
-
-def ready_engine(services: ServicesDep) -> Engine:
-    # Draining is refused earlier, for every /v1 route, by a middleware.
-    state = services.state()
-    if state != "ready" or services.engine is None:
-        failure = services.load_error or (services.engine.failure() if services.engine else None)
-        message = failure or "The model is still loading; retry shortly."
-        raise APIError(503, message, code="not_ready", headers={"Retry-After": "5"})
-    return services.engine
-
-
-ReadyEngine = Annotated[Engine, Depends(ready_engine)]
-
-
 def _limits(services: Services) -> Limits:
     settings = services.settings
     return Limits(default_max_tokens=settings.max_tokens_default, max_tokens_limit=settings.max_tokens_limit)
@@ -130,6 +100,23 @@ async def metrics(services: ServicesDep) -> Response:
     return PlainTextResponse(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+@router.post("/v1/auth/token", response_model=AccessToken, responses=_errors(400, 401, 404))
+def issue_token(
+    request: Request, principal: Authenticated, services: ServicesDep, body: TokenRequest | None = None
+) -> AccessToken:
+    """An access token for the API key sent: accepted wherever the key is, for at most jwt_max_ttl_s."""
+    if services.auth is None or services.auth.tokens is None:
+        raise APIError(
+            404, "Access tokens are not enabled on this server (no jwt_keyring_file).", code="tokens_disabled"
+        )
+    if principal.via != "api_key":
+        raise APIError(401, "An access token is issued for an API key, not for another token.", code="api_key_required")
+    token, lifetime = services.auth.tokens.issue(
+        principal.key_id, principal.tenant, body.expires_in if body else None, principal.expires_at
+    )
+    return AccessToken(access_token=token, expires_in=lifetime)
+
+
 @router.get("/v1/models", response_model=ModelList, responses=_errors(401))
 async def list_models(_: Authenticated, services: ServicesDep) -> ModelList:
     models = [ModelCard(id=services.engine.model_name)] if services.engine is not None else []
@@ -140,15 +127,15 @@ async def list_models(_: Authenticated, services: ServicesDep) -> ModelList:
     "/v1/chat/completions", response_model=ChatCompletion, responses=_generation_responses(ChatCompletionChunk)
 )
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, _: Authenticated, engine: ReadyEngine, services: ServicesDep
+    body: ChatCompletionRequest, request: Request, principal: Authenticated, engine: ReadyEngine, services: ServicesDep
 ) -> Response:
     prepared = await prepare_chat(body, engine, _limits(services))
-    return await pipeline.run(prepared, engine, request, services.settings.retry_after_s)
+    return await pipeline.run(prepared, principal, engine, request, services)
 
 
 @router.post("/v1/completions", response_model=Completion, responses=_generation_responses(Completion))
 async def completions(
-    body: CompletionRequest, request: Request, _: Authenticated, engine: ReadyEngine, services: ServicesDep
+    body: CompletionRequest, request: Request, principal: Authenticated, engine: ReadyEngine, services: ServicesDep
 ) -> Response:
     prepared = await prepare_completion(body, engine, _limits(services))
-    return await pipeline.run(prepared, engine, request, services.settings.retry_after_s)
+    return await pipeline.run(prepared, principal, engine, request, services)

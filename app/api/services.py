@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from app.auth import KeyStore
+from app.auth import Authenticator
 from app.engine import Engine
 from app.metrics import Metrics
+from app.quota import LocalQuota
 from app.settings import Settings
 
 
@@ -16,7 +17,9 @@ from app.settings import Settings
 class Services:
     settings: Settings
     metrics: Metrics
-    keys: KeyStore | None
+    # None: --insecure-no-auth.
+    auth: Authenticator | None
+    quota: LocalQuota = field(default_factory=LocalQuota)
     engine: Engine | None = None
     load_error: str | None = None
     draining: bool = False

@@ -6,6 +6,8 @@ PLI_TEST_ENGINE picks the engine backend the whole API suite runs against: `tran
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import socket
@@ -39,6 +41,7 @@ class Server:
     url: str
     key: str
     keys_db: Path
+    keyring: Path
     process: subprocess.Popen[bytes]
     log: Path
     # The server's sd_notify messages, read as they come as systemd reads NOTIFY_SOCKET.
@@ -78,10 +81,21 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
     )
 
 
+def write_keyring(path: Path, *keys: dict[str, str]) -> None:
+    """A JWT keyring file: the server reads it again when it changes."""
+    path.write_text(json.dumps({"keys": list(keys)}))
+
+
+def signing_key(kid: str, state: str = "primary", **extra: str) -> dict[str, str]:
+    return {"kid": kid, "secret": base64.urlsafe_b64encode(os.urandom(32)).decode(), "state": state, **extra}
+
+
 def start_server(tmp: Path, *extra: str, notify: bool = False) -> Server:
     keys_db = tmp / "keys.db"
-    created = run_cli("keys", "create", "--name", "tests", "--keys-db", str(keys_db))
+    created = run_cli("keys", "create", "--name", "tests", "--tenant", "tests", "--keys-db", str(keys_db))
     assert created.returncode == 0, created.stderr
+    keyring = tmp / "jwt-keyring.json"
+    write_keyring(keyring, signing_key("first"))
     port = free_port()
     log = tmp / f"server-{port}.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **ENGINE_ENV[ENGINE]}
@@ -104,6 +118,8 @@ def start_server(tmp: Path, *extra: str, notify: bool = False) -> Server:
             str(port),
             "--keys-db",
             str(keys_db),
+            "--jwt-keyring-file",
+            str(keyring),
             *ENGINE_OPTIONS[ENGINE],
             *extra,
         ],
@@ -115,6 +131,7 @@ def start_server(tmp: Path, *extra: str, notify: bool = False) -> Server:
         url=f"http://127.0.0.1:{port}",
         key=created.stdout.strip(),
         keys_db=keys_db,
+        keyring=keyring,
         process=process,
         log=log,
         notifications=notifications,

@@ -52,7 +52,7 @@ class Exits:
 
 
 def supervised(loaded: LoadedModel, notifier: Notifier, **settings: Any) -> tuple[Services, Supervisor, Exits]:
-    services = Services(settings=Settings(**settings), metrics=Metrics(), keys=None)
+    services = Services(settings=Settings(**settings), metrics=Metrics(), auth=None)
     services.engine = engine_for(loaded)
     exits = Exits()
     supervisor = Supervisor(services, notifier, request_exit=exits.requested.append, abort=exits.aborted.append)
@@ -73,7 +73,9 @@ def test_a_healthy_engine_feeds_the_watchdog(loaded: LoadedModel, systemd: Any) 
 
     asyncio.run(scenario())
     messages = received(listener)
-    assert messages[0] == "STATUS=loading"
+    # READY first and once: under Type=notify the watchdog counts from it.
+    assert messages[:2] == ["READY=1", "STATUS=loading"]
+    assert messages.count("READY=1") == 1
     assert "STATUS=ready" in messages
     assert messages.count("WATCHDOG=1") == 3
     assert exits.requested == [] and exits.aborted == []

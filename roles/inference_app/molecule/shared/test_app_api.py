@@ -51,6 +51,43 @@ def test_ready_and_answers_with_the_vault_key(host):
     assert "Paris" in body["choices"][0]["message"]["content"]
 
 
+def test_the_vault_keys_tenant_and_limits_reach_the_host_and_the_client(host):
+    listing = host.check_output(_keys_cli(host, "list"))
+    assert "molecule-tenant\tmolecule\trpm=600,tpm=200000\t" in listing, listing
+    headers = host.check_output(
+        f"curl -s -o /dev/null -D - -H 'Authorization: Bearer {KEY}' -H 'Content-Type: application/json' "
+        f"""-d '{{"model": "smollm2-135m-instruct", "prompt": "Hi", "max_tokens": 1}}' {BASE}/v1/completions"""
+    ).lower()
+    assert "x-ratelimit-limit-requests: 600" in headers, headers
+    assert "x-ratelimit-limit-tokens: 200000" in headers, headers
+
+
+def _keys_cli(host, *args: str) -> str:
+    """The app's own command line on the host, whichever runtime deployed it."""
+    if host.file("/opt/private-llm/current/venv").exists:
+        python = "/opt/private-llm/current/venv/bin/python"
+        return " ".join([python, "-m", "app", "keys", *args, "--keys-db", "/var/lib/private-llm/keys.db"])
+    image = host.check_output("sed -n 's/^PLI_APP_IMAGE=//p' /opt/private-llm/current/image.env")
+    return " ".join(
+        [
+            "docker",
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--user",
+            "$(id -u llm):$(id -g llm)",
+            "-v",
+            "/var/lib/private-llm:/var/lib/private-llm",
+            image,
+            "keys",
+            *args,
+            "--keys-db",
+            "/var/lib/private-llm/keys.db",
+        ]
+    )
+
+
 def test_unknown_key_is_refused_with_openai_error(host):
     status, body = chat(host, key="sk-pli-unknown_0123456789abcdefghijklmnop")
     assert status == 401

@@ -3,6 +3,7 @@ runtimes share are in ../../shared/test_app_api.py."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -57,6 +58,38 @@ def test_failed_deployments_kept_the_live_release(host):
         pytest.skip("runs in the verify after molecule's side_effect (bad checksum, release that never gets ready)")
     assert host.file("/opt/private-llm/current").linked_to == marker.content_string.strip()
     assert not host.file("/var/lib/private-llm/models/0000000000000000/.unpacked").exists
+
+
+LEAVER_KEY = "sk-pli-moleculeleaver_0123456789abcdefghijklmnopqrstuv"
+
+
+def test_a_key_removed_from_the_vault_is_revoked_and_the_others_kept(host):
+    if not host.file("/root/live-release-before-side-effect").exists:
+        pytest.skip("runs in the verify after molecule's side_effect (which removes the leaver's key)")
+    answer = host.check_output(f"curl -s -H 'Authorization: Bearer {LEAVER_KEY}' http://127.0.0.1:8000/v1/models")
+    assert '"revoked_api_key"' in answer, answer
+    kept = host.check_output(
+        "curl -s -o /dev/null -w '%{http_code}' -H 'Authorization: Bearer "
+        "sk-pli-moleculetenant_0123456789abcdefghijklmnopqrstuv' http://127.0.0.1:8000/v1/models"
+    )
+    assert kept == "200"
+
+
+def test_an_access_token_from_the_deployed_keyring_works_like_the_key(host):
+    keyring = host.file("/var/lib/private-llm/jwt-keyring.yaml")
+    assert (keyring.user, keyring.mode) == ("llm", 0o600)
+    issued = json.loads(
+        host.check_output(
+            "curl -s -X POST -H 'Authorization: Bearer "
+            "sk-pli-moleculetenant_0123456789abcdefghijklmnopqrstuv' http://127.0.0.1:8000/v1/auth/token"
+        )
+    )
+    assert issued["token_type"] == "bearer" and issued["expires_in"] == 900, issued
+    status = host.check_output(
+        f"curl -s -o /dev/null -w '%{{http_code}}' -H 'Authorization: Bearer {issued['access_token']}' "
+        "http://127.0.0.1:8000/v1/models"
+    )
+    assert status == "200"
 
 
 def test_the_app_tells_systemd_it_is_ready(host):
