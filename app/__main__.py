@@ -9,13 +9,15 @@ import typing
 from pydantic import ValidationError
 
 from app.cli_keys import add_keys_commands, run_keys_command
+from app.cli_usage import add_usage_commands, run_usage_command
 from app.settings import Settings
 
 
 def _add_settings_options(parser: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        help_text = f"{field.description or name} (env PLI_{name.upper()}; default: {field.default})"
+        default = field.get_default(call_default_factory=True)
+        help_text = f"{field.description or name} (env PLI_{name.upper()}; default: {default})"
         if field.annotation is bool:
             # --name and --no-name: a setting that defaults to on (prefix caching) can be switched off here.
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
@@ -62,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = commands.add_parser("keys", help="manage API keys")
     add_keys_commands(keys)
+    add_usage_commands(commands.add_parser("usage", help="the usage ledger: verify its chains, export for billing"))
     return parser
 
 
@@ -76,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_server(settings_from(args))
 
+    if args.command == "usage":
+        from app.store import open_database
+
+        return run_usage_command(args, open_database(args.keys_db or Settings().keys_db))
     return run_keys_command(args)
 
 

@@ -97,6 +97,11 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.ledger_pending = Gauge(
+            f"{PREFIX}_ledger_pending_rows",
+            "Usage rows recorded by requests and not yet written to the database.",
+            registry=r,
+        )
         self.state = Gauge(
             f"{PREFIX}_state",
             "1 for the state the server is in (what /ready reports), 0 for the others.",

@@ -21,6 +21,7 @@ from app.auth import Authenticator, KeyStore, TokenService
 from app.engine import Engine
 from app.engine.loader import load_model
 from app.engine.transformers_engine import TransformersEngine
+from app.ledger import UsageLedger
 from app.metrics import Metrics
 from app.settings import Settings
 from app.store import open_database
@@ -164,9 +165,10 @@ def serve(settings: Settings) -> int:
     configure_logging(settings.log_level)
     # A fatal signal (systemd's watchdog sends SIGABRT) leaves every thread's stack in the journal.
     faulthandler.enable()
+    database = open_database(settings.keys_db)
     auth: Authenticator | None = None
     if not settings.insecure_no_auth:
-        keys = KeyStore(open_database(settings.keys_db))
+        keys = KeyStore(database)
         if keys.usable_count() == 0:
             logging.getLogger("app").error(
                 "refusing to start: no usable API key in %s (none, or all revoked or expired): create one "
@@ -177,7 +179,8 @@ def serve(settings: Settings) -> int:
             )
             return 2
         auth = Authenticator(keys, _token_service(settings))
-    services = Services(settings=settings, metrics=Metrics(), auth=auth)
+    ledger = UsageLedger(database, settings.node_name, settings.ledger_flush_interval_s)
+    services = Services(settings=settings, metrics=Metrics(), auth=auth, ledger=ledger)
     app = create_app(services, build_engine)
     config = uvicorn.Config(
         app,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,6 +70,13 @@ class Settings(BaseSettings):
     jwt_ttl_s: int = Field(default=900, ge=60, description="lifetime of an issued access token unless asked shorter")
     jwt_max_ttl_s: int = Field(
         default=3600, ge=60, le=86_400, description="longest access token lifetime issued or accepted"
+    )
+
+    node_name: str = Field(
+        default_factory=socket.gethostname, min_length=1, description="this node's name in the usage ledger"
+    )
+    ledger_flush_interval_s: float = Field(
+        default=1.0, gt=0, le=60, description="how often usage rows queued by requests are written"
     )
 
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="largest accepted request body")

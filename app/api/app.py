@@ -96,6 +96,9 @@ def create_app(services: Services, engine_factory: EngineFactory) -> FastAPI:
             task.cancel()
             if services.engine is not None:
                 await services.engine.shutdown()
+            # After the drain: every request has handed over its usage row by now.
+            if services.ledger is not None:
+                await asyncio.to_thread(services.ledger.close)
 
     # No trailing-slash redirects: they would build a Location from the client's Host header.
     app = FastAPI(

@@ -97,6 +97,8 @@ async def ready(services: ServicesDep) -> JSONResponse:
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(services: ServicesDep) -> Response:
     services.metrics.record_state(services.state())
+    if services.ledger is not None:
+        services.metrics.ledger_pending.set(services.ledger.pending())
     return PlainTextResponse(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -8,6 +8,7 @@ from fastapi import Request
 
 from app.auth import Authenticator
 from app.engine import Engine
+from app.ledger import UsageLedger
 from app.metrics import Metrics
 from app.quota import LocalQuota
 from app.settings import Settings
@@ -20,6 +21,7 @@ class Services:
     # None: --insecure-no-auth.
     auth: Authenticator | None
     quota: LocalQuota = field(default_factory=LocalQuota)
+    ledger: UsageLedger | None = None
     engine: Engine | None = None
     load_error: str | None = None
     draining: bool = False

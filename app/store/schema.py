@@ -25,3 +25,25 @@ api_keys = Table(
     Column("expires_at", BigInteger),
     Column("last_used_at", BigInteger),
 )
+
+# One row per request (app/ledger); never prompt or completion text.
+usage = Table(
+    "usage",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("request_id", String, nullable=False),
+    Column("at_ms", BigInteger, nullable=False),
+    Column("node", String, nullable=False),
+    Column("tenant", String, nullable=False),
+    Column("key_id", String, nullable=False),
+    Column("model", String, nullable=False),
+    Column("endpoint", String, nullable=False),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("finish_reason", String),
+    Column("ttft_ms", Integer),
+    Column("latency_ms", Integer, nullable=False),
+    Column("prev_hash", String, nullable=False),
+    Column("row_hash", String, nullable=False),
+)

@@ -222,6 +222,9 @@ def _small_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedS
         "3",
         "--drain-timeout-s",
         "60",
+        # Longer than any test: only the drain writes its usage rows.
+        "--ledger-flush-interval-s",
+        "60",
     )
     yield shared
     shared.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -119,6 +120,25 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(small_server: Server)
         assert server.process.wait(timeout=60) == 0
     assert lines[-1] == "data: [DONE]", "the in-flight stream was cut off"
     assert '"finish_reason":"length"' in lines[-2]
+    # The small server writes its ledger once a minute: the row is there because the drain wrote it.
+    exported = run_cli(
+        "usage",
+        "export",
+        "--since",
+        "2026-01-01",
+        "--until",
+        "2100-01-01",
+        "--format",
+        "json",
+        "--keys-db",
+        str(server.keys_db),
+    )
+    rows = json.loads(exported.stdout)
+    assert any(
+        (row["endpoint"], row["finish_reason"], row["completion_tokens"], row["status"])
+        == ("/v1/completions", "length", 60, 200)
+        for row in rows
+    ), rows
 
 
 @pytest.mark.skipif(

@@ -145,3 +145,45 @@ def test_an_expired_key_is_refused_with_its_own_code(server: Server) -> None:
     refused = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {key}"})
     assert refused.status_code == 401
     assert refused.json()["error"]["code"] == "expired_api_key"
+
+
+def test_the_ledger_holds_a_row_per_request_with_the_usage_clients_were_sent(server: Server) -> None:
+    key = _key(server, "ledger")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
+    messages: list[dict[str, str]] = [{"role": "user", "content": "Name a colour."}]
+    sent = [client.chat.completions.create(model=MODEL, messages=messages, max_tokens=5).usage for _ in range(2)]  # type: ignore[arg-type]
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=5,
+        stream=True,
+        stream_options={"include_usage": True},  # type: ignore[arg-type]
+    )
+    sent += [chunk.usage for chunk in stream if chunk.usage is not None]
+    assert len(sent) == 3 and all(usage is not None for usage in sent)
+    deadline = time.monotonic() + 15
+    while True:
+        exported = run_cli(
+            "usage",
+            "export",
+            "--since",
+            "2026-01-01",
+            "--until",
+            "2100-01-01",
+            "--tenant",
+            "ledger-team",
+            "--group-by",
+            "tenant",
+            "--format",
+            "json",
+            "--keys-db",
+            str(server.keys_db),
+        )
+        totals = json.loads(exported.stdout)
+        if totals and totals[0]["requests"] == 3:
+            break
+        assert time.monotonic() < deadline, f"the ledger did not get three rows: {totals}"
+        time.sleep(0.5)
+    assert totals[0]["prompt_tokens"] == sum(usage.prompt_tokens for usage in sent if usage)
+    assert totals[0]["completion_tokens"] == sum(usage.completion_tokens for usage in sent if usage)
+    assert run_cli("usage", "verify", "--keys-db", str(server.keys_db)).returncode == 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,7 @@ def test_ready_and_answers_with_the_vault_key(host):
 
 
 def test_the_vault_keys_tenant_and_limits_reach_the_host_and_the_client(host):
-    listing = host.check_output(_keys_cli(host, "list"))
+    listing = host.check_output(_app_cli(host, "keys", "list"))
     assert "molecule-tenant\tmolecule\trpm=600,tpm=200000\t" in listing, listing
     headers = host.check_output(
         f"curl -s -o /dev/null -D - -H 'Authorization: Bearer {KEY}' -H 'Content-Type: application/json' "
@@ -62,11 +63,11 @@ def test_the_vault_keys_tenant_and_limits_reach_the_host_and_the_client(host):
     assert "x-ratelimit-limit-tokens: 200000" in headers, headers
 
 
-def _keys_cli(host, *args: str) -> str:
+def _app_cli(host, *args: str) -> str:
     """The app's own command line on the host, whichever runtime deployed it."""
     if host.file("/opt/private-llm/current/venv").exists:
         python = "/opt/private-llm/current/venv/bin/python"
-        return " ".join([python, "-m", "app", "keys", *args, "--keys-db", "/var/lib/private-llm/keys.db"])
+        return " ".join([python, "-m", "app", *args, "--keys-db", "/var/lib/private-llm/keys.db"])
     image = host.check_output("sed -n 's/^PLI_APP_IMAGE=//p' /opt/private-llm/current/image.env")
     return " ".join(
         [
@@ -86,6 +87,31 @@ def _keys_cli(host, *args: str) -> str:
             "/var/lib/private-llm/keys.db",
         ]
     )
+
+
+def test_the_ledger_holds_the_vault_keys_requests_and_its_chain_verifies(host):
+    chat(host)
+    export = _app_cli(
+        host,
+        "usage",
+        "export",
+        "--since",
+        "2026-01-01",
+        "--until",
+        "2100-01-01",
+        "--tenant",
+        "molecule",
+        "--group-by",
+        "tenant,node",
+        "--format",
+        "json",
+    )
+    deadline = time.monotonic() + 15  # written about once a second
+    while not (totals := json.loads(host.check_output(export))):
+        assert time.monotonic() < deadline, "no ledger row for the vault key's requests"
+        time.sleep(1)
+    assert totals[0]["requests"] >= 1 and totals[0]["completion_tokens"] > 0, totals
+    assert host.run(_app_cli(host, "usage", "verify")).rc == 0
 
 
 def test_unknown_key_is_refused_with_openai_error(host):
