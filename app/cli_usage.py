@@ -14,27 +14,13 @@ from typing import Any
 from sqlalchemy import select
 
 from app.ledger import verify_chain
+from app.ledger.chain import HASHED_FIELDS
 from app.store import Database
 from app.store.schema import usage
 
 GROUPS = ("tenant", "key_id", "model", "day", "node")
-# Never text: these are all a row holds.
-ROW_FIELDS = (
-    "id",
-    "request_id",
-    "at",
-    "node",
-    "tenant",
-    "key_id",
-    "model",
-    "endpoint",
-    "prompt_tokens",
-    "completion_tokens",
-    "status",
-    "finish_reason",
-    "ttft_ms",
-    "latency_ms",
-)
+# Never text: these are all a row holds (its time as ISO 8601 instead of milliseconds).
+ROW_FIELDS = ("id", "at", *(name for name in HASHED_FIELDS if name != "at_ms"))
 
 
 def _moment(text: str) -> datetime:

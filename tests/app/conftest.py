@@ -81,6 +81,26 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
     )
 
 
+def usage_rows(keys_db: Path, *options: str) -> list[dict[str, object]]:
+    """What `python -m app usage export --format json` gives for all time, with any more options."""
+    exported = run_cli(
+        "usage",
+        "export",
+        "--since",
+        "2026-01-01",
+        "--until",
+        "2100-01-01",
+        "--format",
+        "json",
+        *options,
+        "--keys-db",
+        str(keys_db),
+    )
+    assert exported.returncode == 0, exported.stderr
+    rows: list[dict[str, object]] = json.loads(exported.stdout)
+    return rows
+
+
 def write_keyring(path: Path, *keys: dict[str, str]) -> None:
     """A JWT keyring file: the server reads it again when it changes."""
     path.write_text(json.dumps({"keys": list(keys)}))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 import time
@@ -16,7 +15,7 @@ import pytest
 from app.__main__ import build_parser, settings_from
 from app.auth.keys import KEY_CACHE_S
 from app.supervisor import EXIT_ENGINE_FAILED
-from tests.app.conftest import ENGINE, MODEL, Server, free_port, run_cli
+from tests.app.conftest import ENGINE, MODEL, Server, free_port, run_cli, usage_rows
 
 
 def test_check_config_validates_a_config_file(tmp_path: Path) -> None:
@@ -121,19 +120,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(small_server: Server)
     assert lines[-1] == "data: [DONE]", "the in-flight stream was cut off"
     assert '"finish_reason":"length"' in lines[-2]
     # The small server writes its ledger once a minute: the row is there because the drain wrote it.
-    exported = run_cli(
-        "usage",
-        "export",
-        "--since",
-        "2026-01-01",
-        "--until",
-        "2100-01-01",
-        "--format",
-        "json",
-        "--keys-db",
-        str(server.keys_db),
-    )
-    rows = json.loads(exported.stdout)
+    rows = usage_rows(server.keys_db)
     assert any(
         (row["endpoint"], row["finish_reason"], row["completion_tokens"], row["status"])
         == ("/v1/completions", "length", 60, 200)

@@ -11,7 +11,7 @@ import jwt
 import openai
 import pytest
 
-from tests.app.conftest import MODEL, Server, run_cli, signing_key, write_keyring
+from tests.app.conftest import MODEL, Server, run_cli, signing_key, usage_rows, write_keyring
 
 
 def _key(server: Server, name: str, *limits: str) -> str:
@@ -163,23 +163,7 @@ def test_the_ledger_holds_a_row_per_request_with_the_usage_clients_were_sent(ser
     assert len(sent) == 3 and all(usage is not None for usage in sent)
     deadline = time.monotonic() + 15
     while True:
-        exported = run_cli(
-            "usage",
-            "export",
-            "--since",
-            "2026-01-01",
-            "--until",
-            "2100-01-01",
-            "--tenant",
-            "ledger-team",
-            "--group-by",
-            "tenant",
-            "--format",
-            "json",
-            "--keys-db",
-            str(server.keys_db),
-        )
-        totals = json.loads(exported.stdout)
+        totals = usage_rows(server.keys_db, "--tenant", "ledger-team", "--group-by", "tenant")
         if totals and totals[0]["requests"] == 3:
             break
         assert time.monotonic() < deadline, f"the ledger did not get three rows: {totals}"
