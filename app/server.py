@@ -13,6 +13,7 @@ import threading
 import time
 from types import FrameType
 
+import redis.asyncio as redis
 import uvicorn
 
 from app.api.app import create_app
@@ -23,6 +24,8 @@ from app.engine.loader import load_model
 from app.engine.transformers_engine import TransformersEngine
 from app.ledger import UsageLedger
 from app.metrics import Metrics
+from app.quota import LocalQuota, Quota
+from app.quota.shared import SharedQuota
 from app.settings import Settings
 from app.store import open_database
 from app.supervisor import Notifier, Supervisor
@@ -161,6 +164,14 @@ def _token_service(settings: Settings) -> TokenService | None:
     )
 
 
+def _quota(settings: Settings, metrics: Metrics) -> Quota:
+    if settings.redis_url is None:
+        return LocalQuota()
+    # Short timeouts: a Redis that hangs must not hold every request up; past them the node counts alone.
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    return SharedQuota(client, LocalQuota(), metrics)
+
+
 def serve(settings: Settings) -> int:
     configure_logging(settings.log_level)
     # A fatal signal (systemd's watchdog sends SIGABRT) leaves every thread's stack in the journal.
@@ -180,7 +191,8 @@ def serve(settings: Settings) -> int:
             return 2
         auth = Authenticator(keys, _token_service(settings))
     ledger = UsageLedger(database, settings.node_name, settings.ledger_flush_interval_s)
-    services = Services(settings=settings, metrics=Metrics(), auth=auth, ledger=ledger)
+    metrics = Metrics()
+    services = Services(settings=settings, metrics=metrics, auth=auth, ledger=ledger, quota=_quota(settings, metrics))
     app = create_app(services, build_engine)
     config = uvicorn.Config(
         app,

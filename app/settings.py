@@ -72,6 +72,11 @@ class Settings(BaseSettings):
         default=3600, ge=60, le=86_400, description="longest access token lifetime issued or accepted"
     )
 
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis holding the quota counters every node shares (redis:// or rediss://); none: "
+        "this node counts alone",
+    )
     node_name: str = Field(
         default_factory=socket.gethostname, min_length=1, description="this node's name in the usage ledger"
     )

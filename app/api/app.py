@@ -21,6 +21,7 @@ from app.api.protocol import SEED_RANGE, ChatCompletionChunk
 from app.api.routes import router
 from app.api.services import Services
 from app.engine import Engine
+from app.quota.shared import SharedQuota
 
 EngineFactory = Callable[[Services], Engine]
 
@@ -97,6 +98,8 @@ def create_app(services: Services, engine_factory: EngineFactory) -> FastAPI:
             if services.engine is not None:
                 await services.engine.shutdown()
             # After the drain: every request has handed over its usage row by now.
+            if isinstance(services.quota, SharedQuota):
+                await services.quota.aclose()
             if services.ledger is not None:
                 await asyncio.to_thread(services.ledger.close)
 

@@ -10,7 +10,7 @@ from app.auth import Authenticator
 from app.engine import Engine
 from app.ledger import UsageLedger
 from app.metrics import Metrics
-from app.quota import LocalQuota
+from app.quota import LocalQuota, Quota
 from app.settings import Settings
 
 
@@ -20,7 +20,7 @@ class Services:
     metrics: Metrics
     # None: --insecure-no-auth.
     auth: Authenticator | None
-    quota: LocalQuota = field(default_factory=LocalQuota)
+    quota: Quota = field(default_factory=LocalQuota)
     ledger: UsageLedger | None = None
     engine: Engine | None = None
     load_error: str | None = None

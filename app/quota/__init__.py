@@ -6,6 +6,17 @@ simultaneous requests cannot all pass a limit that only finished requests would 
 is settled to the tokens really used when the request ends, fails, or its client goes away.
 """
 
-from app.quota.limiter import LocalQuota, QuotaExceededError, Reservation
+from typing import Protocol
 
-__all__ = ["LocalQuota", "QuotaExceededError", "Reservation"]
+from app.auth import Principal
+from app.quota.limiter import LocalQuota, Reservation
+from app.quota.refusals import QuotaExceededError
+
+
+class Quota(Protocol):
+    async def reserve(self, principal: Principal, tokens: int) -> Reservation: ...
+
+    def settle(self, reservation: Reservation, tokens_used: int) -> None: ...
+
+
+__all__ = ["LocalQuota", "Quota", "QuotaExceededError", "Reservation"]

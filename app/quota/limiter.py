@@ -1,47 +1,35 @@
-"""The quota counters of one node, in process (the single-node default)."""
+"""The quota counters of one node, in process: the single-node default, and what a node falls back to
+while the shared counters (app/quota/shared.py) cannot be reached."""
 
 from __future__ import annotations
 
 import itertools
-import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 from app.auth import KeyLimits, Principal
-
-WINDOW_S = 60.0
-DAY_S = 86_400
-
-Kind = Literal["requests", "tokens"]
-
-
-class QuotaExceededError(Exception):
-    def __init__(self, kind: Kind, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-        self.retry_after_s = retry_after_s
-        self.headers: dict[str, str] = {}
+from app.quota.refusals import DAY_S, WINDOW_S, Limit, rate_headers, refusal
 
 
 @dataclass
 class Reservation:
     key_id: str
-    entry_id: int
+    entry_id: str
     tokens: int
     day: int
     # OpenAI's x-ratelimit-* headers as they stood at admission.
     headers: dict[str, str] = field(default_factory=dict)
+    # Which counters hold it: settled where it was made.
+    shared: bool = False
     settled: bool = False
 
 
 @dataclass
 class _Entry:
-    entry_id: int
+    entry_id: str
     at: float
     tokens: int
 
@@ -60,14 +48,8 @@ class _KeyCounters:
     def window_tokens(self) -> int:
         return sum(entry.tokens for entry in self.window)
 
-
-def duration(seconds: float) -> str:
-    """OpenAI's form of a reset time: 1s, 6m0s, 20ms."""
-    if seconds < 1:
-        return f"{max(0, math.ceil(seconds * 1000))}ms"
-    whole = math.ceil(seconds)
-    minutes, rest = divmod(whole, 60)
-    return f"{minutes}m{rest}s" if minutes else f"{rest}s"
+    def reset_s(self, now: float) -> float:
+        return self.window[0].at + WINDOW_S - now if self.window else 0.0
 
 
 class LocalQuota:
@@ -77,7 +59,10 @@ class LocalQuota:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
 
-    def reserve(self, principal: Principal, tokens: int) -> Reservation:
+    async def reserve(self, principal: Principal, tokens: int) -> Reservation:
+        return self.reserve_now(principal, tokens)
+
+    def reserve_now(self, principal: Principal, tokens: int) -> Reservation:
         limits = principal.limits
         now = self._clock()
         today = int(now // DAY_S)
@@ -86,16 +71,17 @@ class LocalQuota:
             counters.expire(now)
             if counters.day != today:
                 counters.day, counters.day_tokens = today, 0
-            try:
-                self._admit(limits, counters, now, tokens)
-            except QuotaExceededError as exc:
-                exc.headers = _headers(limits, counters, now, 0, 0)
-                raise
-            headers = _headers(limits, counters, now, 1, tokens)
-            entry = _Entry(next(self._ids), now, tokens)
+            used = counters.window_tokens()
+            refused = _first_limit_over(limits, counters, tokens, used)
+            if refused is not None:
+                error = refusal(refused[0], limits, tokens, used, refused[1](now))
+                error.headers = rate_headers(limits, len(counters.window), used, counters.reset_s(now))
+                raise error
+            entry = _Entry(f"local-{next(self._ids)}", now, tokens)
             counters.window.append(entry)
             counters.running += 1
             counters.day_tokens += tokens
+            headers = rate_headers(limits, len(counters.window), used + tokens, counters.reset_s(now))
         return Reservation(principal.key_id, entry.entry_id, tokens, today, headers)
 
     def settle(self, reservation: Reservation, tokens_used: int) -> None:
@@ -114,47 +100,24 @@ class LocalQuota:
             if counters.day == reservation.day:
                 counters.day_tokens += tokens_used - reservation.tokens
 
-    @staticmethod
-    def _admit(limits: KeyLimits, counters: _KeyCounters, now: float, tokens: int) -> None:
-        if limits.max_concurrent is not None and counters.running >= limits.max_concurrent:
-            raise QuotaExceededError(
-                "requests",
-                f"Rate limit reached: {limits.max_concurrent} concurrent requests for this key. "
-                "Retry when one has finished.",
-                1,
-            )
-        if limits.rpm is not None and len(counters.window) >= limits.rpm:
-            retry = counters.window[len(counters.window) - limits.rpm].at + WINDOW_S - now
-            raise QuotaExceededError(
-                "requests",
-                f"Rate limit reached: {limits.rpm} requests per minute for this key. Retry in {duration(retry)}.",
-                retry,
-            )
-        if limits.tpm is not None:
-            if tokens > limits.tpm:
-                raise QuotaExceededError(
-                    "tokens",
-                    f"Request too large: it may use {tokens} tokens (prompt and max_tokens), over the limit of "
-                    f"{limits.tpm} tokens per minute for this key. Send a shorter prompt or a smaller max_tokens.",
-                    WINDOW_S,
-                )
-            used = counters.window_tokens()
-            if used + tokens > limits.tpm:
-                retry = _tokens_free_in(counters, now, used + tokens - limits.tpm)
-                raise QuotaExceededError(
-                    "tokens",
-                    f"Rate limit reached: {limits.tpm} tokens per minute for this key; this request may use "
-                    f"{tokens}, {max(0, limits.tpm - used)} are left. Retry in {duration(retry)}.",
-                    retry,
-                )
-        if limits.tokens_per_day is not None and counters.day_tokens + tokens > limits.tokens_per_day:
-            retry = (counters.day + 1) * DAY_S - now
-            raise QuotaExceededError(
-                "tokens",
-                f"Daily limit reached: {limits.tokens_per_day} tokens per day for this key "
-                f"(resets at 00:00 UTC, in {duration(retry)}).",
-                retry,
-            )
+
+def _first_limit_over(
+    limits: KeyLimits, counters: _KeyCounters, tokens: int, used: int
+) -> tuple[Limit, Callable[[float], float]] | None:
+    """The first limit this request would break, with when it has room again (a function of now)."""
+    if limits.max_concurrent is not None and counters.running >= limits.max_concurrent:
+        return "max_concurrent", lambda now: 1.0
+    if limits.rpm is not None and len(counters.window) >= limits.rpm:
+        oldest_counted = counters.window[len(counters.window) - limits.rpm]
+        return "rpm", lambda now: oldest_counted.at + WINDOW_S - now
+    if limits.tpm is not None and tokens > limits.tpm:
+        return "too_large", lambda now: WINDOW_S
+    if limits.tpm is not None and used + tokens > limits.tpm:
+        needed = used + tokens - limits.tpm
+        return "tpm", lambda now: _tokens_free_in(counters, now, needed)
+    if limits.tokens_per_day is not None and counters.day_tokens + tokens > limits.tokens_per_day:
+        return "tokens_per_day", lambda now: (counters.day + 1) * DAY_S - now
+    return None
 
 
 def _tokens_free_in(counters: _KeyCounters, now: float, needed: int) -> float:
@@ -164,20 +127,3 @@ def _tokens_free_in(counters: _KeyCounters, now: float, needed: int) -> float:
         if freed >= needed:
             return max(0.0, entry.at + WINDOW_S - now)
     return WINDOW_S
-
-
-def _headers(limits: KeyLimits, counters: _KeyCounters, now: float, requests: int, tokens: int) -> dict[str, str]:
-    """The limits, what is left of them after `requests` more requests using `tokens`, and when the
-    window has room again."""
-    headers: dict[str, str] = {}
-    oldest = counters.window[0].at if counters.window else now
-    reset = duration(oldest + WINDOW_S - now if counters.window else 0)
-    if limits.rpm is not None:
-        headers["x-ratelimit-limit-requests"] = str(limits.rpm)
-        headers["x-ratelimit-remaining-requests"] = str(max(0, limits.rpm - len(counters.window) - requests))
-        headers["x-ratelimit-reset-requests"] = reset
-    if limits.tpm is not None:
-        headers["x-ratelimit-limit-tokens"] = str(limits.tpm)
-        headers["x-ratelimit-remaining-tokens"] = str(max(0, limits.tpm - counters.window_tokens() - tokens))
-        headers["x-ratelimit-reset-tokens"] = reset
-    return headers

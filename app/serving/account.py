@@ -36,11 +36,11 @@ class Account:
     def headers(self) -> dict[str, str]:
         return self.reservation.headers if self.reservation else {}
 
-    def admit(self) -> None:
+    async def admit(self) -> None:
         """Reserve the most the request can use (prompt + max_tokens) before the engine sees it."""
         prepared = self.prepared
         try:
-            self.reservation = self.services.quota.reserve(
+            self.reservation = await self.services.quota.reserve(
                 self.principal, len(prepared.prompt_ids) + prepared.params.max_tokens
             )
         except QuotaExceededError as exc:

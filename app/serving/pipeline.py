@@ -29,7 +29,7 @@ async def run(
     prepared: Prepared, principal: Principal, engine: Engine, request: Request, services: Services
 ) -> Response:
     account = Account(services, principal, prepared, request_id=request.state.request_id)
-    account.admit()
+    await account.admit()
     try:
         stream = _start(engine, prepared, services.settings.retry_after_s)
     except APIError as exc:

@@ -23,6 +23,8 @@ import httpx
 import openai
 import pytest
 
+from tests.redis_server import RedisServer, start_redis
+
 MODEL = "smollm2-135m-instruct"
 ENGINE = os.environ.get("PLI_TEST_ENGINE", "transformers")
 # First run converts the embedded GGUF model (~30 s on 2 cores); vLLM on CPU compiles for ~2 minutes.
@@ -208,10 +210,20 @@ class SharedServer:
 
 
 @pytest.fixture(scope="session")
-def _main_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedServer]:
+def _main_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    redis = start_redis(tmp_path_factory.mktemp("redis"))
+    yield redis
+    redis.stop()
+
+
+@pytest.fixture(scope="session")
+def _main_servers(tmp_path_factory: pytest.TempPathFactory, _main_redis: RedisServer) -> Iterator[SharedServer]:
+    # Quotas counted in a real Redis, as on a site with several nodes; the small server counts alone.
     shared = SharedServer(
         tmp_path_factory,
         "main",
+        "--redis-url",
+        f"redis://127.0.0.1:{_main_redis.port}/0",
         "--max-batch-size",
         "16",
         "--max-queued-requests",

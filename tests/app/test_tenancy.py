@@ -101,6 +101,7 @@ def test_requests_over_a_keys_limit_get_openais_429(server: Server) -> None:
     assert 1 <= int(refused.headers["Retry-After"]) <= 60
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
     assert _complete(server, server.key).status_code == 200, "another key is not limited by this one"
+    assert server.metric("private_llm_quota_shared") == 1, "counted in the test Redis, not in the process"
     with pytest.raises(openai.RateLimitError):
         openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0).completions.create(
             model=MODEL, prompt="Hi", max_tokens=1
