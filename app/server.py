@@ -15,6 +15,7 @@ from types import FrameType
 
 import redis.asyncio as redis
 import uvicorn
+from sqlalchemy.exc import OperationalError
 
 from app.api.app import create_app
 from app.api.services import Services
@@ -176,7 +177,12 @@ def serve(settings: Settings) -> int:
     configure_logging(settings.log_level)
     # A fatal signal (systemd's watchdog sends SIGABRT) leaves every thread's stack in the journal.
     faulthandler.enable()
-    database = open_database(settings.keys_db)
+    try:
+        database = open_database(settings.keys_db, settings.database_url)
+    except OperationalError as exc:
+        # Not reachable yet (a database server starting too): systemd starts the app again.
+        logging.getLogger("app").error("cannot open the database: %s", exc.orig)
+        return 1
     auth: Authenticator | None = None
     if not settings.insecure_no_auth:
         keys = KeyStore(database)

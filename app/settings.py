@@ -59,7 +59,12 @@ class Settings(BaseSettings):
     enable_prefix_caching: bool = Field(default=True, description="vllm: reuse KV blocks of shared prompt prefixes")
     cpu_kv_cache_gib: int = Field(default=4, ge=1, description="vllm on CPU: KV cache size in GiB")
 
-    keys_db: Path = Field(default=Path("keys.db"), description="SQLite database of API key hashes")
+    keys_db: Path = Field(default=Path("keys.db"), description="SQLite database of API key hashes and the usage ledger")
+    database_url: str | None = Field(
+        default=None,
+        description="PostgreSQL that several nodes share for keys and the ledger (postgresql://user:pass@host/db)"
+        "; none: the SQLite keys_db",
+    )
     insecure_no_auth: bool = Field(default=False, description="serve without API keys (local development only)")
     jwt_keyring_file: Path | None = Field(
         default=None,
@@ -98,6 +103,13 @@ class Settings(BaseSettings):
     def _check_paths(self) -> Settings:
         if self.model_path and not Path(self.model_path).exists():
             raise ValueError(f"model_path {self.model_path} does not exist")
+        if self.database_url is not None:
+            from app.store.database import server_url
+
+            try:
+                server_url(self.database_url)
+            except ValueError as exc:
+                raise ValueError(f"database_url: {exc}") from exc
         if self.jwt_keyring_file is not None:
             from app.auth.tokens import KeyringError, load_keyring
 
