@@ -103,16 +103,15 @@ async def metrics(services: ServicesDep) -> Response:
 
 
 @router.post("/v1/auth/token", response_model=AccessToken, responses=_errors(400, 401, 404))
-def issue_token(
-    request: Request, principal: Authenticated, services: ServicesDep, body: TokenRequest | None = None
-) -> AccessToken:
+def issue_token(principal: Authenticated, services: ServicesDep, body: TokenRequest | None = None) -> AccessToken:
     """An access token for the API key sent: accepted wherever the key is, for at most jwt_max_ttl_s."""
     if services.auth is None or services.auth.tokens is None:
         raise APIError(
             404, "Access tokens are not enabled on this server (no jwt_keyring_file).", code="tokens_disabled"
         )
     if principal.via != "api_key":
-        raise APIError(401, "An access token is issued for an API key, not for another token.", code="api_key_required")
+        # A token that could mint tokens would live for ever.
+        raise APIError(401, "Access tokens are issued for an API key, not for a token.", code="api_key_required")
     token, lifetime = services.auth.tokens.issue(
         principal.key_id, principal.tenant, body.expires_in if body else None, principal.expires_at
     )

@@ -5,7 +5,8 @@
       → admit (app/quota: reserve prompt + max_tokens under the key's limits, else 429)
       → engine (start the generation: 429 when the queue is full, 503 when the engine cannot serve)
       → respond (responses.py: one JSON answer, or server-sent events ending in [DONE])
-      → settle (the reservation to the tokens really used, however the request ended)
+      → account (account.py: the reservation settled to the tokens really used and one usage-ledger row,
+        exactly once, however the request ended)
 
 Routes only parse the request and call it; a failure of the engine while serving one request fails that
 request alone, with the same error in both shapes.

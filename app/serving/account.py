@@ -67,8 +67,9 @@ class Account:
         """(prompt, completion): the engine's counts when it finished, else what it had produced."""
         if self.last is not None and self.last.finish_reason is not None:
             return self.last.prompt_tokens, self.last.completion_tokens
-        # Cut short: the engine reports no counts, and each chunk holds at least one new token.
-        return len(self.prepared.prompt_ids) if self.chunks or self.reservation else 0, self.chunks
+        # Cut short, the engine reports no counts: once a chunk came the prompt was processed, and each
+        # chunk holds at least one new token.
+        return (len(self.prepared.prompt_ids), self.chunks) if self.chunks else (0, 0)
 
     def close(self, status: int, finish_reason: str | None = None) -> None:
         if self.closed:
