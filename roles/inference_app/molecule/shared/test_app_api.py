@@ -81,7 +81,6 @@ def _app_cli(host, *args: str) -> str:
             "-v",
             "/var/lib/private-llm:/var/lib/private-llm",
             image,
-            "keys",
             *args,
             "--keys-db",
             "/var/lib/private-llm/keys.db",
