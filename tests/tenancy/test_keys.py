@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,20 +14,7 @@ from app.auth import DeployedKey, KeyLimits, KeyStore, generate_key, hash_key, k
 from app.auth.keys import KEY_CACHE_S
 from app.store import open_database
 from app.store.database import alembic_config
-
-
-class Clock:
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "app", *args], input=stdin, capture_output=True, text=True, check=False, timeout=60
-    )
+from tests.tenancy.support import Clock, app_cli
 
 
 def test_a_database_from_before_migrations_is_adopted_and_its_keys_keep_working(tmp_path: Path) -> None:
@@ -123,21 +108,21 @@ def test_keys_cli_sync_reads_json_and_reports_bad_entries_without_a_traceback(tm
     db = str(tmp_path / "keys.db")
     key = generate_key()
     entry = {"name": "a", "tenant": "t", "key_id": key_id_of(key), "hash": hash_key(key), "tpm": 500}
-    synced = _cli("keys", "sync", "--keys-db", db, stdin=json.dumps([entry]))
+    synced = app_cli("keys", "sync", "--keys-db", db, stdin=json.dumps([entry]))
     assert synced.returncode == 0, synced.stderr
     assert json.loads(synced.stdout)["added"] == ["a"]
-    assert "a\tt\ttpm=500\t-\t-\tactive" in _cli("keys", "list", "--keys-db", db).stdout
-    bad = _cli("keys", "sync", "--keys-db", db, stdin=json.dumps([{**entry, "hash": "not-hex"}]))
+    assert "a\tt\ttpm=500\t-\t-\tactive" in app_cli("keys", "list", "--keys-db", db).stdout
+    bad = app_cli("keys", "sync", "--keys-db", db, stdin=json.dumps([{**entry, "hash": "not-hex"}]))
     assert bad.returncode == 2
     assert "64 lowercase hex digits" in bad.stderr
     assert "Traceback" not in bad.stderr
-    wrong_limit = _cli("keys", "sync", "--keys-db", db, stdin=json.dumps([{**entry, "rpm": 0}]))
+    wrong_limit = app_cli("keys", "sync", "--keys-db", db, stdin=json.dumps([{**entry, "rpm": 0}]))
     assert wrong_limit.returncode == 2 and "rpm" in wrong_limit.stderr
 
 
 def test_keys_cli_create_takes_limits_and_a_lifetime(tmp_path: Path) -> None:
     db = str(tmp_path / "keys.db")
-    created = _cli(
+    created = app_cli(
         "keys",
         "create",
         "--name",
@@ -152,10 +137,10 @@ def test_keys_cli_create_takes_limits_and_a_lifetime(tmp_path: Path) -> None:
         db,
     )
     assert created.returncode == 0, created.stderr
-    listing = _cli("keys", "list", "--keys-db", db).stdout.splitlines()
+    listing = app_cli("keys", "list", "--keys-db", db).stdout.splitlines()
     assert listing[0].split("\t") == ["id", "name", "tenant", "limits", "expires", "last used", "state"]
     fields = listing[1].split("\t")
     assert fields[1:4] == ["n", "t", "max_concurrent=3"]
     assert fields[4].endswith("Z") and fields[6] == "active"
-    refused = _cli("keys", "create", "--name", "n", "--tenant", "t", "--expires-in", "soon", "--keys-db", db)
+    refused = app_cli("keys", "create", "--name", "n", "--tenant", "t", "--expires-in", "soon", "--keys-db", db)
     assert refused.returncode == 2 and "not a duration" in refused.stderr

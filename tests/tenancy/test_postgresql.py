@@ -11,18 +11,7 @@ from app.auth.keys import KEY_CACHE_S
 from app.ledger import UsageLedger, UsageRecord
 from app.store import open_database
 from tests.postgres_server import PostgresServer
-
-
-class Clock:
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "app", *args], capture_output=True, text=True, check=False, timeout=60)
+from tests.tenancy.support import Clock, app_cli
 
 
 def test_nodes_starting_together_migrate_once_and_share_keys(postgres: PostgresServer, tmp_path: Path) -> None:
@@ -70,19 +59,19 @@ def test_each_nodes_ledger_chain_verifies_and_exports_together(postgres: Postgre
                 )
             )
         ledger.close()
-    verified = _cli("usage", "verify", "--database-url", url)
+    verified = app_cli("usage", "verify", "--database-url", url)
     assert verified.returncode == 0, verified.stderr
     assert verified.stdout.splitlines()[0].startswith("node-a\t4 rows") and "node-b\t4 rows" in verified.stdout
-    exported = _cli(
+    exported = app_cli(
         "usage", "export", "--since", "2026-12-01", "--until", "2026-12-02", "--group-by", "node", "--database-url", url
     )
     assert exported.stdout.splitlines()[1:] == ["node-a,4,12,8,20", "node-b,4,12,8,20"]
-    edit = _cli("keys", "list", "--database-url", url)
+    edit = app_cli("keys", "list", "--database-url", url)
     assert edit.returncode == 0, edit.stderr
 
 
 def test_a_database_url_that_is_not_postgresql_is_a_clear_error() -> None:
-    wrong = _cli("check-config", "--database-url", "mysql://x@y/z")
+    wrong = app_cli("check-config", "--database-url", "mysql://x@y/z")
     assert wrong.returncode == 2
     assert "only postgresql:// is supported" in wrong.stderr
     assert "Traceback" not in wrong.stderr

@@ -6,14 +6,7 @@ import pytest
 
 from app.auth import KeyLimits, Principal
 from app.quota import LocalQuota, QuotaExceededError
-
-
-class Clock:
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.tenancy.support import Clock
 
 
 def _principal(**limits: int) -> Principal:

@@ -13,14 +13,7 @@ from app.metrics import Metrics
 from app.quota import LocalQuota, QuotaExceededError
 from app.quota.shared import RETRY_AFTER_FAILURE_S, SharedQuota
 from tests.redis_server import RedisServer
-
-
-class Clock:
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.tenancy.support import Clock
 
 
 def _node(server: RedisServer, clock: Clock, metrics: Metrics | None = None) -> SharedQuota:

@@ -12,14 +12,7 @@ import pytest
 
 from app.auth import KeyringError, TokenError, TokenService
 from app.auth.tokens import load_keyring
-
-
-class Clock:
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.tenancy.support import Clock
 
 
 def _secret() -> str:
