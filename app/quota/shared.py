@@ -20,8 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from app.auth import Principal
 from app.metrics import Metrics
@@ -33,7 +32,9 @@ log = logging.getLogger("app.quota")
 RETRY_AFTER_FAILURE_S = 5.0
 # A running request stops counting against max_concurrent after this long without being settled.
 LEASE_S = 3600
-_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+# Not only the network: a wrong password, an ACL that refuses the scripts or a full server (OOM under
+# noeviction) are answers the node cannot count with either, and must not turn into 500s.
+_UNREACHABLE = (RedisError, OSError)
 
 _RESERVE = """
 local now, window, tokens = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])

@@ -101,3 +101,27 @@ def test_with_redis_down_a_node_counts_alone_and_shares_again_when_it_returns(
         await node.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_redis_that_refuses_the_scripts_is_no_500_the_node_counts_alone(redis_server: RedisServer) -> None:
+    """A wrong ACL (no scripting for the app's user) answers with an error, not a dropped connection:
+    the node must still answer, under its own counters."""
+    clock = Clock()
+    metrics = Metrics()
+
+    async def scenario() -> None:
+        admin = redis.Redis(port=redis_server.port)
+        await admin.execute_command(
+            "ACL", "SETUSER", "no-scripts", "on", ">no-scripts-password-0123", "~pli:*", "+@all", "-@scripting"
+        )
+        client = redis.Redis(port=redis_server.port, username="no-scripts", password="no-scripts-password-0123")
+        node = SharedQuota(client, LocalQuota(clock), metrics, clock=clock)
+        caller = _caller(rpm=1)
+        assert await _admitted(node, caller, 1)
+        assert not node.shared and metrics.quota_shared._value.get() == 0
+        assert not await _admitted(node, caller, 1), "the node-local limit holds"
+        await node.aclose()
+        await admin.execute_command("ACL", "DELUSER", "no-scripts")
+        await admin.aclose()
+
+    asyncio.run(scenario())
