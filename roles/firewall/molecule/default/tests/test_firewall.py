@@ -59,6 +59,12 @@ def test_gateway_reaches_the_app_port(gateway):
     assert can_connect(gateway, NODE_IP, 8000)
 
 
+@pytest.mark.parametrize("port", [5432, 6379])
+def test_the_state_ports_are_open_to_inference_nodes_only(gateway, node, outsider, port):
+    assert can_connect(node, GATEWAY_IP, port), "the node's egress and the state host's input let it through"
+    assert not can_connect(outsider, GATEWAY_IP, port)
+
+
 def deny_list_applied(gateway) -> bool:
     return gateway.file("/root/firewall-deny-list-applied").exists
 
