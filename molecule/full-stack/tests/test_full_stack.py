@@ -14,41 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
-import testinfra
 import yaml
-
-INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
-PORT = int(os.environ.get("PLI_STACK_PORT", "18443"))
-KEY = "sk-pli-stacktenant_0123456789abcdefghijklmnopqrstuv"
-NODES = {"pli-stack-node1": "172.29.88.21", "pli-stack-node2": "172.29.88.22"}
+from stack import INVENTORY, NODES, PORT, ask, machine
 
 testinfra_hosts = ["ansible://pli-stack-gw"]
-
-
-def machine(name: str):
-    return testinfra.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
-
-
-@pytest.fixture(scope="module")
-def pebble_root(tmp_path_factory) -> str:
-    acme = machine("pli-stack-acme")
-    pem = acme.check_output("curl -sfk https://acme.pli.test:15000/roots/0")
-    path = tmp_path_factory.mktemp("pebble") / "root.pem"
-    path.write_text(pem + "\n")
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def client(pebble_root) -> openai.OpenAI:
-    # 127.0.0.1 reaches the gateway through its published port, so the certificate's name
-    # (gateway.pli.test) cannot match the URL: the chain is still verified against Pebble's root.
-    # Hostname verification is proven from the ACME container in test_gateway_name_verifies.
-    context = ssl.create_default_context(cafile=pebble_root)
-    context.check_hostname = False
-    http_client = httpx.Client(verify=context, timeout=120)
-    return openai.OpenAI(base_url=f"https://127.0.0.1:{PORT}/v1", api_key=KEY, http_client=http_client, max_retries=0)
 
 
 def request_count(node: str) -> float:
@@ -58,14 +28,6 @@ def request_count(node: str) -> float:
         if line.startswith("vllm:request_success_total"):
             total += float(line.rsplit(" ", 1)[1])
     return total
-
-
-def ask(client: openai.OpenAI, content: str = "What is the capital of France?", max_tokens: int = 16) -> str:
-    model = client.models.list().data[0].id
-    response = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0
-    )
-    return response.choices[0].message.content or ""
 
 
 def test_gateway_name_verifies():
@@ -175,7 +137,9 @@ def test_app_data_is_kept_where_the_encrypted_volume_mounts(name):
     settings = yaml.safe_load(node.file(f"{release}/app.yaml").content_string)
     assert settings["keys_db"] == "/srv/private-llm/app/keys.db"
     assert settings["model_cache_dir"] == "/srv/private-llm/app/models/cache"
-    assert node.file("/srv/private-llm/app/keys.db").exists
+    # Keys and the ledger are in the state host's PostgreSQL: no local copy of either.
+    assert settings["database_url"].startswith("postgresql://pli_app:")
+    assert not node.file("/srv/private-llm/app/keys.db").exists
     assert node.file("/srv/private-llm/app/models/cache/smollm2-135m-instruct/config.json").exists
     assert (
         "ReadWritePaths=/srv/private-llm/app" in node.file("/etc/systemd/system/private-llm-app.service").content_string
@@ -220,10 +184,21 @@ def test_prompt_bodies_are_buffered_in_memory_at_the_gateway(host):
     assert host.check_output("findmnt -n -o FSTYPE -T /run") == "tmpfs"
 
 
+def changed_tasks(output: str) -> list[str]:
+    """Each `changed:` line of a play's output under the task it belongs to."""
+    task, found = "", []
+    for line in output.splitlines():
+        if line.startswith(("TASK [", "RUNNING HANDLER [")):
+            task = line.rstrip(" *")
+        elif line.startswith("changed:"):
+            found.append(f"{task}: {line}")
+    return found
+
+
 @pytest.mark.parametrize(
     ("tags", "check"),
-    [("gateway", True), ("app", True), ("app-keys", False)],
-    ids=["gateway-check", "app-check", "app-keys"],
+    [("gateway", True), ("app", True), ("app-keys", False), ("state", True)],
+    ids=["gateway-check", "app-check", "app-keys", "state-check"],
 )
 def test_a_documented_tag_runs_alone_on_the_converged_hosts(tags: str, check: bool) -> None:
     """The README's `--check --diff --tags gateway` and `--tags app`, and the app role's `app-keys`, each run
@@ -243,4 +218,4 @@ def test_a_documented_tag_runs_alone_on_the_converged_hosts(tags: str, check: bo
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     recap = re.findall(r"changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", result.stdout)
     assert len(recap) == 3, result.stdout[-2000:]  # the gateway and the two nodes
-    assert all(counts == ("0", "0", "0") for counts in recap), result.stdout[-4000:]
+    assert all(counts == ("0", "0", "0") for counts in recap), "\n".join(changed_tasks(result.stdout))

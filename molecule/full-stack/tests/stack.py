@@ -1,0 +1,25 @@
+"""What the full-stack tests share: the hosts, the tenant key and a question through the gateway."""
+
+from __future__ import annotations
+
+import os
+
+import openai
+import testinfra
+
+INVENTORY = os.environ["MOLECULE_INVENTORY_FILE"]
+PORT = int(os.environ.get("PLI_STACK_PORT", "18443"))
+KEY = "sk-pli-stacktenant_0123456789abcdefghijklmnopqrstuv"
+NODES = {"pli-stack-node1": "172.29.88.21", "pli-stack-node2": "172.29.88.22"}
+
+
+def machine(name: str):
+    return testinfra.get_host(f"ansible://{name}", ansible_inventory=INVENTORY)
+
+
+def ask(client: openai.OpenAI, content: str = "What is the capital of France?", max_tokens: int = 16) -> str:
+    model = client.models.list().data[0].id
+    response = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0
+    )
+    return response.choices[0].message.content or ""

@@ -1,0 +1,136 @@
+"""Tenancy across both nodes: one quota in the state host's Redis, one key store and usage ledger in its
+PostgreSQL, each verified against the internal CA; and the service going on while Redis is down."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+from stack import NODES, ask, machine
+
+testinfra_hosts = ["ansible://pli-stack-gw"]
+
+QUOTA_KEY = "sk-pli-stackquota_0123456789abcdefghijklmnopqrstuvw"  # rpm 6 (molecule.yml)
+QUOTA_RPM = 6
+DATABASE_URL = (
+    "postgresql://pli_app:stack-postgresql-password-0123456789@172.29.88.10:5432/private_llm"
+    "?sslmode=verify-full&sslrootcert=/etc/private-llm/pki/ca.pem"
+)
+
+
+def sql(query: str) -> str:
+    return machine("pli-stack-gw").check_output(f"runuser -u postgres -- psql -d private_llm -tAc {shlex.quote(query)}")
+
+
+def app_cli(*args: str) -> str:
+    """The app's command line on a node, against the shared database (as the role runs it)."""
+    python = "/opt/private-llm/current/venv/bin/python"
+    words = [python, "-m", "app", *args, "--keys-db", "/srv/private-llm/app/keys.db"]
+    return f"PLI_DATABASE_URL={shlex.quote(DATABASE_URL)} " + " ".join(shlex.quote(word) for word in words)
+
+
+def metric(node: str, name: str) -> float:
+    text = machine(node).check_output(f"curl -s http://{NODES[node]}:8000/metrics")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def wait_for(condition, what: str, timeout_s: float = 60):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"not within {timeout_s} s: {what}")
+
+
+def test_a_keys_limit_holds_across_both_nodes_and_every_request_is_in_the_ledger(client_for):
+    """Three times the key's limit from three clients, spread by the gateway over both nodes: the nodes
+    admit exactly the limit together, and the ledger holds one row per request from both nodes, the
+    answered ones with the usage the clients were sent."""
+    quota_client = client_for(QUOTA_KEY)
+    model = quota_client.models.list().data[0].id
+
+    def one(_: int) -> tuple[int, int]:
+        try:
+            answer = quota_client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "Say hi."}], max_tokens=2, temperature=0
+            )
+        except openai.RateLimitError as refused:
+            assert refused.body["code"] == "rate_limit_exceeded", refused.body
+            return 429, 0
+        assert answer.usage is not None
+        return 200, answer.usage.total_tokens
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(one, range(3 * QUOTA_RPM)))
+    statuses = [status for status, _ in results]
+    assert statuses.count(200) == QUOTA_RPM, statuses
+    assert statuses.count(429) == 2 * QUOTA_RPM, statuses
+
+    # Rows are written in batches about once a second.
+    wait_for(
+        lambda: sql("SELECT count(*) FROM usage WHERE key_id = 'stackquota'") == str(3 * QUOTA_RPM),
+        "a ledger row for every request",
+    )
+    by_node = sql("SELECT node, count(*) FROM usage WHERE key_id = 'stackquota' GROUP BY node ORDER BY node")
+    assert [line.split("|")[0] for line in by_node.splitlines()] == sorted(NODES), by_node
+    assert sql("SELECT count(*) FROM usage WHERE key_id = 'stackquota' AND status = 429") == str(2 * QUOTA_RPM)
+    billed = sql(
+        "SELECT sum(prompt_tokens + completion_tokens) FROM usage WHERE key_id = 'stackquota' AND status = 200"
+    )
+    assert int(billed) == sum(tokens for _, tokens in results)
+    assert sql("SELECT DISTINCT tenant FROM usage WHERE key_id = 'stackquota'") == "quota-test"
+    # Each node's chain is intact.
+    report = machine("pli-stack-node1").run(app_cli("usage", "verify"))
+    assert report.rc == 0, report.stdout + report.stderr
+
+
+def test_a_key_revoked_on_one_node_is_refused_on_both():
+    gateway = machine("pli-stack-gw")
+    create = app_cli("keys", "create", "--name", "stack-leaver", "--tenant", "leaver")
+    key = machine("pli-stack-node1").check_output(create)
+
+    def answer_of(address: str) -> tuple[str, str]:
+        output = gateway.check_output(
+            f"curl -s -w '\\n%{{http_code}}' http://{address}:8000/v1/models -H 'Authorization: Bearer {key}'"
+        )
+        body, _, status = output.rpartition("\n")
+        code = json.loads(body).get("error", {}).get("code", "") if status != "200" else ""
+        return status, code
+
+    assert [answer_of(address)[0] for address in NODES.values()] == ["200", "200"], "made on node1, known on both"
+    machine("pli-stack-node2").check_output(app_cli("keys", "revoke", "stack-leaver"))
+    # Key look-ups are cached for 5 s (KEY_CACHE_S): the revocation reaches both nodes after that.
+    wait_for(
+        lambda: all(answer_of(address) == ("401", "revoked_api_key") for address in NODES.values()),
+        "the revoked key refused by both nodes",
+        timeout_s=30,
+    )
+
+
+def test_with_redis_stopped_the_nodes_go_on_alone_and_share_again_when_it_returns(client):
+    gateway = machine("pli-stack-gw")
+    gateway.check_output("systemctl stop redis-server")
+    try:
+        served_before = {node: metric(node, "vllm:request_success_total") for node in NODES}
+        answers = [ask(client, "Say hi.", max_tokens=2) for _ in range(6)]
+        assert len(answers) == 6  # every request answered (ask raises on any error)
+        served = [node for node in NODES if metric(node, "vllm:request_success_total") > served_before[node]]
+        assert served, "no node served"
+        for node in served:
+            assert metric(node, "private_llm_quota_shared") == 0, f"{node} did not notice Redis was gone"
+            journal = machine(node).check_output("journalctl -u private-llm-app --no-pager -n 200")
+            assert "Redis unreachable" in journal
+    finally:
+        gateway.check_output("systemctl start redis-server")
+
+    def shared_again() -> bool:
+        ask(client, "Say hi.", max_tokens=2)
+        return all(metric(node, "private_llm_quota_shared") == 1 for node in NODES)
+
+    # A node tries Redis again 5 s after a failure (RETRY_AFTER_FAILURE_S), on its next request.
+    wait_for(shared_again, "both nodes counting in Redis again", timeout_s=120)
