@@ -23,3 +23,9 @@ def ask(client: openai.OpenAI, content: str = "What is the capital of France?", 
         model=model, messages=[{"role": "user", "content": content}], max_tokens=max_tokens, temperature=0
     )
     return response.choices[0].message.content or ""
+
+
+def metric(node: str, name: str) -> float:
+    """A node's /metrics series `name`, summed over its labels."""
+    text = machine(node).check_output(f"curl -s http://{NODES[node]}:8000/metrics")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))

@@ -16,18 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from stack import INVENTORY, NODES, PORT, ask, machine
+from stack import INVENTORY, NODES, PORT, ask, machine, metric
 
 testinfra_hosts = ["ansible://pli-stack-gw"]
-
-
-def request_count(node: str) -> float:
-    metrics = machine(node).check_output(f"curl -s http://{NODES[node]}:8000/metrics")
-    total = 0.0
-    for line in metrics.splitlines():
-        if line.startswith("vllm:request_success_total"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_gateway_name_verifies():
@@ -60,11 +51,11 @@ def test_openai_client_streams(client):
 
 
 def test_requests_are_spread_across_both_nodes(client):
-    before = {node: request_count(node) for node in NODES}
+    before = {node: metric(node, "vllm:request_success_total") for node in NODES}
     with ThreadPoolExecutor(max_workers=4) as pool:
         # Routing is what is checked here, not the answers: a few tokens each.
         list(pool.map(lambda _: ask(client, "Say hi.", max_tokens=4), range(12)))
-    after = {node: request_count(node) for node in NODES}
+    after = {node: metric(node, "vllm:request_success_total") for node in NODES}
     assert all(after[node] > before[node] for node in NODES), (before, after)
 
 

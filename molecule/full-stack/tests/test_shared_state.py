@@ -9,7 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
-from stack import NODES, ask, machine
+from stack import NODES, ask, machine, metric
 
 testinfra_hosts = ["ansible://pli-stack-gw"]
 
@@ -30,11 +30,6 @@ def app_cli(*args: str) -> str:
     python = "/opt/private-llm/current/venv/bin/python"
     words = [python, "-m", "app", *args, "--keys-db", "/srv/private-llm/app/keys.db"]
     return f"PLI_DATABASE_URL={shlex.quote(DATABASE_URL)} " + " ".join(shlex.quote(word) for word in words)
-
-
-def metric(node: str, name: str) -> float:
-    text = machine(node).check_output(f"curl -s http://{NODES[node]}:8000/metrics")
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
 def wait_for(condition, what: str, timeout_s: float = 60):
