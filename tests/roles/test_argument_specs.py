@@ -35,6 +35,14 @@ BAD_INPUT = [
     ("luks", {"luks_pbkdf": "md5"}, "luks_pbkdf must be one of: argon2id, argon2i, pbkdf2"),
     ("base", {"base_sysctl_apply": "maybe"}, "argument 'base_sysctl_apply' is of type str"),
     ("inference_app", {"inference_app_runtime": "podman"}, "inference_app_runtime must be one of: systemd, docker"),
+    # The shared address and port convention comes from group_vars/all: without it a role stops at once.
+    ("redis", {}, "missing required arguments: pli_address, pli_ports"),
+    (
+        "firewall",
+        {"pli_address": "192.0.2.10", "pli_ports": {"app": 8000}},
+        "missing required arguments: postgresql, redis",
+    ),
+    ("nginx", {"pli_ports": {"app": "eighty"}}, "argument 'app' is of type str"),
 ]
 
 

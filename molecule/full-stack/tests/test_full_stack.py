@@ -168,6 +168,15 @@ def test_the_app_role_refuses_a_data_directory_on_a_plain_disk(tmp_path):
     assert "not on an encrypted volume" in output
 
 
+def test_the_gateway_proxies_to_each_nodes_address_on_the_app_port(host):
+    """nginx's upstream, the app's listener and the firewall's opening come from one pli_address and
+    pli_ports.app per node (README: Addresses and ports)."""
+    config = host.check_output("nginx -T 2>/dev/null")
+    for node, address in NODES.items():
+        assert f"server {address}:8000 " in config
+        assert machine(node).socket(f"tcp://{address}:8000").is_listening
+
+
 def test_prompt_bodies_are_buffered_in_memory_at_the_gateway(host):
     config = host.check_output("nginx -T 2>/dev/null")
     assert "client_body_temp_path /run/nginx-client-body" in config
