@@ -195,15 +195,8 @@ def changed_tasks(output: str) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize(
-    ("tags", "check"),
-    [("gateway", True), ("app", True), ("app-keys", False), ("state", True)],
-    ids=["gateway-check", "app-check", "app-keys", "state-check"],
-)
-def test_a_documented_tag_runs_alone_on_the_converged_hosts(tags: str, check: bool) -> None:
-    """The README's `--check --diff --tags gateway` and `--tags app`, and the app role's `app-keys`, each run
-    on their own (the plays their tags skip still validate arguments, without facts) and change nothing on
-    hosts that are already converged."""
+def run_site(*arguments: str) -> subprocess.CompletedProcess[str]:
+    """site.yml against the scenario's hosts, as an operator runs it from the repository."""
     repo = Path(__file__).resolve().parents[3]
     env = {
         **os.environ,
@@ -213,9 +206,82 @@ def test_a_documented_tag_runs_alone_on_the_converged_hosts(tags: str, check: bo
         "ANSIBLE_FORCE_COLOR": "false",
     }
     command = [str(Path(sys.executable).parent / "ansible-playbook"), str(repo / "site.yml")]
-    command += ["-i", str(Path(INVENTORY).parent), "--tags", tags] + (["--check", "--diff"] if check else [])
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, check=False)
+    command += ["-i", str(Path(INVENTORY).parent), *arguments]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, check=False)
+
+
+@pytest.mark.parametrize(
+    ("tags", "check"),
+    [("gateway", True), ("app", True), ("app-keys", False), ("state", True)],
+    ids=["gateway-check", "app-check", "app-keys", "state-check"],
+)
+def test_a_documented_tag_runs_alone_on_the_converged_hosts(tags: str, check: bool) -> None:
+    """The README's `--check --diff --tags gateway` and `--tags app`, and the app role's `app-keys`, each run
+    on their own (the plays their tags skip still validate arguments, without facts) and change nothing on
+    hosts that are already converged."""
+    result = run_site("--tags", tags, *(["--check", "--diff"] if check else []))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     recap = re.findall(r"changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", result.stdout)
     assert len(recap) == 3, result.stdout[-2000:]  # the gateway and the two nodes
     assert all(counts == ("0", "0", "0") for counts in recap), "\n".join(changed_tasks(result.stdout))
+
+
+def restart_times(node: str, since: float) -> tuple[float, float]:
+    """When the app's unit began to stop after `since`, and when the process after it logged `ready` (its
+    model loaded and serving), from the node's journal (one kernel: one clock for every container)."""
+    journal = machine(node).check_output(f"journalctl -u private-llm-app -o json --no-pager --since @{int(since)}")
+    events = [(int(e["__REALTIME_TIMESTAMP"]) / 1e6, e.get("MESSAGE")) for e in map(json.loads, journal.splitlines())]
+    events = [(at, message) for at, message in events if at >= since and isinstance(message, str)]
+    stop = next(at for at, message in events if message.startswith("Stopping"))
+    ready = next(
+        at
+        for at, message in events
+        if at > stop and message.startswith("{") and json.loads(message).get("message") == "ready"
+    )
+    return stop, ready
+
+
+# Last in this file on purpose: it leaves the nodes on a setting the inventory does not hold, which the
+# check-mode runs above would report as a change (the tests after this file need both nodes serving, which
+# its end waits for).
+def test_a_setting_change_rolls_over_the_nodes_with_no_failed_request(client):
+    """A changed setting restarts every node, one node at a time: the next one stops only once the first
+    has its model loaded again, and four clients asking through the gateway all along get an answer every
+    time."""
+    answered: list[str] = []
+    errors: list[str] = []
+    done = threading.Event()
+
+    def keep_asking() -> None:
+        # Bounded by the play's own timeout, and by a request count in case the play hangs.
+        while not done.is_set() and len(answered) + len(errors) < 3000:
+            try:
+                answered.append(ask(client, "Say the number seven.", max_tokens=4))
+            except Exception as exc:  # every failure counts, whatever its type
+                errors.append(repr(exc))
+
+    started = time.time()
+    clients = [threading.Thread(target=keep_asking) for _ in range(4)]
+    for thread in clients:
+        thread.start()
+    try:
+        result = run_site("--tags", "app", "-e", json.dumps({"inference_app_max_queued_requests": 63}))
+    finally:
+        done.set()
+        for thread in clients:
+            thread.join(300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert errors == [], errors[:5]
+    times = {node: restart_times(node, started) for node in NODES}
+    first, second = sorted(NODES, key=lambda node: times[node][0])
+    assert times[second][0] > times[first][1], f"both nodes were down at once: {times}"
+    assert len(answered) >= 12, len(answered)
+    # nginx rests a node that refused connections during its restart (nginx_upstream_fail_timeout): the
+    # rollout is over once the gateway sends requests to both nodes again.
+    served = {node: metric(node, "vllm:request_success_total") for node in NODES}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ask(client, "Say hi.", max_tokens=2)
+        if all(metric(node, "vllm:request_success_total") > served[node] for node in NODES):
+            break
+    assert all(metric(node, "vllm:request_success_total") > served[node] for node in NODES), "a node left the rotation"
