@@ -277,11 +277,13 @@ def test_a_setting_change_rolls_over_the_nodes_with_no_failed_request(client):
     assert times[second][0] > times[first][1], f"both nodes were down at once: {times}"
     assert len(answered) >= 12, len(answered)
     # nginx rests a node that refused connections during its restart (nginx_upstream_fail_timeout): the
-    # rollout is over once the gateway sends requests to both nodes again.
+    # rollout is over once the gateway sends requests to both nodes again. One request per turn (ask()
+    # sends two, and round robin would then give every completion to the same node).
+    model = client.models.list().data[0].id
     served = {node: metric(node, "vllm:request_success_total") for node in NODES}
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        ask(client, "Say hi.", max_tokens=2)
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi."}], max_tokens=2)
         if all(metric(node, "vllm:request_success_total") > served[node] for node in NODES):
             break
     assert all(metric(node, "vllm:request_success_total") > served[node] for node in NODES), "a node left the rotation"
