@@ -46,7 +46,9 @@ BAD_INPUT = [
 ]
 
 
-def run_role(tmp_path: Path, role: str, variables: dict[str, object]) -> subprocess.CompletedProcess[str]:
+def run_role(
+    tmp_path: Path, role: str, variables: dict[str, object], *, check_mode: bool = False
+) -> subprocess.CompletedProcess[str]:
     playbook = tmp_path / "play.yml"
     playbook.write_text(
         yaml.safe_dump(
@@ -55,6 +57,9 @@ def run_role(tmp_path: Path, role: str, variables: dict[str, object]) -> subproc
                     "name": "argument check",
                     "hosts": "localhost",
                     "connection": "local",
+                    # A role's own checks after the argument check: in check mode, so that a check that
+                    # wrongly passed could not change this machine either.
+                    "check_mode": check_mode,
                     # Role defaults use facts (distribution, kernel) as in real plays.
                     "gather_facts": True,
                     "gather_subset": ["!all", "min"],
@@ -103,3 +108,23 @@ def test_wrong_input_fails_with_a_clear_message(tmp_path, role, variables, messa
     assert "Validating arguments against arg spec" in output, output
     assert "failed=1" in output, output
     assert message in output, output
+
+
+CONVENTION = {"pli_address": "192.0.2.10", "pli_ports": {"app": 8000, "postgresql": 5432, "redis": 6379}}
+
+
+@pytest.mark.parametrize(
+    ("cidrs", "message"),
+    [
+        ([], "firewall_ssh_allowed_cidrs is empty"),
+        (["10.0.0.0/8", "0.0.0.0/0"], "opens SSH to the whole internet (0.0.0.0/0)"),
+        (["::/0"], "opens SSH to the whole internet (::/0)"),
+    ],
+    ids=["none", "ipv4-world", "ipv6-world"],
+)
+def test_the_firewall_refuses_ssh_for_nobody_or_for_everybody(tmp_path, cidrs, message):
+    result = run_role(tmp_path, "firewall", {**CONVENTION, "firewall_ssh_allowed_cidrs": cidrs}, check_mode=True)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert message in output, output
+    assert "Install nftables" not in output, output
