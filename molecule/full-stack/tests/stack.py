@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import openai
 import testinfra
@@ -29,3 +32,29 @@ def metric(node: str, name: str) -> float:
     """A node's /metrics series `name`, summed over its labels."""
     text = machine(node).check_output(f"curl -s http://{NODES[node]}:8000/metrics")
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+@contextmanager
+def clients_asking(client: openai.OpenAI, count: int = 4, limit: int = 3000) -> Iterator[tuple[list[str], list[str]]]:
+    """`count` clients asking through the gateway for as long as the block runs (at most `limit` requests in
+    all): the answers, and every failure whatever its type, as they come."""
+    answered: list[str] = []
+    errors: list[str] = []
+    done = threading.Event()
+
+    def keep_asking() -> None:
+        while not done.is_set() and len(answered) + len(errors) < limit:
+            try:
+                answered.append(ask(client, "Say the number seven.", max_tokens=4))
+            except Exception as exc:  # every failure counts, whatever its type
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=keep_asking) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield answered, errors
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join(300)

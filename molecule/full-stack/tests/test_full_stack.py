@@ -8,7 +8,6 @@ import re
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from stack import INVENTORY, NODES, PORT, ask, machine, metric
+from stack import INVENTORY, NODES, PORT, ask, clients_asking, machine, metric
 
 testinfra_hosts = ["ansible://pli-stack-gw"]
 
@@ -63,36 +62,21 @@ def test_stopping_one_node_fails_no_request(client):
     """Four clients keep asking while one node is stopped (it drains) and started again. Counted in
     answers, not seconds: some before the stop, a dozen while only the other node serves."""
     node = machine("pli-stack-node1")
-    answered: list[str] = []
-    errors: list[str] = []
-    done = threading.Event()
+    with clients_asking(client) as (answered, errors):
 
-    def keep_asking() -> None:
-        while not done.is_set():
-            try:
-                answered.append(ask(client, "Say the number seven.", max_tokens=4))
-            except Exception as exc:  # every failure counts, whatever its type
-                errors.append(repr(exc))
+        def wait_for_answers(count: int) -> None:
+            deadline = time.monotonic() + 300
+            while len(answered) < count and not errors and time.monotonic() < deadline:
+                time.sleep(0.2)
 
-    def wait_for_answers(count: int) -> None:
-        deadline = time.monotonic() + 300
-        while len(answered) < count and not errors and time.monotonic() < deadline:
-            time.sleep(0.2)
-
-    clients = [threading.Thread(target=keep_asking) for _ in range(4)]
-    for thread in clients:
-        thread.start()
-    try:
-        wait_for_answers(4)
-        before_stop = len(answered)
-        node.check_output("systemctl stop private-llm-app")
-        wait_for_answers(before_stop + 12)
-        during_stop = len(answered) - before_stop
-    finally:
-        node.check_output("systemctl start private-llm-app")
-        done.set()
-        for thread in clients:
-            thread.join(300)
+        try:
+            wait_for_answers(4)
+            before_stop = len(answered)
+            node.check_output("systemctl stop private-llm-app")
+            wait_for_answers(before_stop + 12)
+            during_stop = len(answered) - before_stop
+        finally:
+            node.check_output("systemctl start private-llm-app")
     assert errors == [], errors
     assert before_stop >= 4 and during_stop >= 12, (before_stop, during_stop)
     deadline = time.monotonic() + 180
@@ -248,28 +232,9 @@ def test_a_setting_change_rolls_over_the_nodes_with_no_failed_request(client):
     """A changed setting restarts every node, one node at a time: the next one stops only once the first
     has its model loaded again, and four clients asking through the gateway all along get an answer every
     time."""
-    answered: list[str] = []
-    errors: list[str] = []
-    done = threading.Event()
-
-    def keep_asking() -> None:
-        # Bounded by the play's own timeout, and by a request count in case the play hangs.
-        while not done.is_set() and len(answered) + len(errors) < 3000:
-            try:
-                answered.append(ask(client, "Say the number seven.", max_tokens=4))
-            except Exception as exc:  # every failure counts, whatever its type
-                errors.append(repr(exc))
-
     started = time.time()
-    clients = [threading.Thread(target=keep_asking) for _ in range(4)]
-    for thread in clients:
-        thread.start()
-    try:
+    with clients_asking(client) as (answered, errors):
         result = run_site("--tags", "app", "-e", json.dumps({"inference_app_max_queued_requests": 63}))
-    finally:
-        done.set()
-        for thread in clients:
-            thread.join(300)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert errors == [], errors[:5]
     times = {node: restart_times(node, started) for node in NODES}
