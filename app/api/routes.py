@@ -118,10 +118,11 @@ def issue_token(principal: Authenticated, services: ServicesDep, body: TokenRequ
     return AccessToken(access_token=token, expires_in=lifetime)
 
 
-@router.get("/v1/models", response_model=ModelList, responses=_errors(401))
-async def list_models(_: Authenticated, services: ServicesDep) -> ModelList:
-    models = [ModelCard(id=services.engine.model_name)] if services.engine is not None else []
-    return ModelList(data=models)
+# A node still loading (or whose model failed) answers 503 like the generation routes, not an empty list:
+# nginx then asks another node, and a client never sees a service without its model.
+@router.get("/v1/models", response_model=ModelList, responses=_errors(401, 503))
+async def list_models(_: Authenticated, engine: ReadyEngine) -> ModelList:
+    return ModelList(data=[ModelCard(id=engine.model_name)])
 
 
 @router.post(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -58,6 +60,44 @@ def test_bad_setting_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_server_without_its_model_answers_503_on_every_model_route(tmp_path: Path) -> None:
+    """A node whose model is loading or failed says so on /v1/models too, as a 503 naming the cause, never
+    an empty list: nginx moves a 503 on to another node, while an empty list would reach the client (an
+    openai client's `models.list().data[0]` failed that way during a rolling restart)."""
+    keys_db = tmp_path / "keys.db"
+    key = run_cli("keys", "create", "--name", "n", "--tenant", "t", "--keys-db", str(keys_db)).stdout.strip()
+    no_model = tmp_path / "model"
+    no_model.mkdir()
+    port = free_port()
+    arguments = ["serve", "--host", "127.0.0.1", "--port", str(port), "--keys-db", str(keys_db)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app", *arguments, "--model-path", str(no_model)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        state = ""
+        while state != "failed" and time.monotonic() < deadline and process.poll() is None:
+            try:
+                state = httpx.get(f"{url}/ready", timeout=2).json()["status"]
+            except httpx.TransportError:
+                time.sleep(0.5)
+        assert state == "failed"
+        headers = {"Authorization": f"Bearer {key}"}
+        for method, route in (("GET", "/v1/models"), ("POST", "/v1/chat/completions")):
+            body = {"model": "m", "messages": [{"role": "user", "content": "Hi."}]} if method == "POST" else None
+            answer = httpx.request(method, f"{url}{route}", headers=headers, json=body, timeout=30)
+            assert answer.status_code == 503, (route, answer.text)
+            assert answer.json()["error"]["code"] == "not_ready"
+            assert "model failed to load" in answer.json()["error"]["message"]
+            assert answer.headers["retry-after"] == "5"
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
 
 
 def test_a_revoked_key_is_refused_within_the_key_cache_time(server: Server) -> None:
