@@ -48,3 +48,13 @@ def test_validity_follows_the_setting(host):
 
 def test_no_acme_client_in_selfsigned_mode(host):
     assert not host.package("certbot").is_installed
+
+
+def test_nginx_serves_the_certificate_on_disk(host):
+    """After side_effect's renewal: the new certificate, not the one nginx loaded before (reloaded)."""
+    on_disk = host.check_output(f"openssl x509 -in {CERT} -noout -serial")
+    served_now = host.check_output(
+        "openssl s_client -connect 127.0.0.1:443 -servername api.pli.test </dev/null 2>/dev/null"
+        " | openssl x509 -noout -serial"
+    )
+    assert served_now == on_disk
