@@ -7,6 +7,7 @@ validation is the role's first task, so a rejected value ends the play before an
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +129,64 @@ def test_the_firewall_refuses_ssh_for_nobody_or_for_everybody(tmp_path, cidrs, m
     assert result.returncode != 0, output
     assert message in output, output
     assert "Install nftables" not in output, output
+
+
+def run_ops_playbook(
+    tmp_path: Path, playbook: str, inventory: dict[str, object], *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """One of playbooks/ against localhost (local connection, check mode: nothing could change here)."""
+    hosts = tmp_path / "hosts.yml"
+    hosts.write_text(yaml.safe_dump(inventory))
+    env = {
+        "ANSIBLE_COLLECTIONS_PATH": str(REPO / "collections"),
+        **os.environ,
+        "ANSIBLE_ROLES_PATH": str(REPO / "roles"),
+        "ANSIBLE_NOCOLOR": "1",
+    }
+    command = [str(Path(sys.executable).with_name("ansible-playbook")), "-i", str(hosts), "--check"]
+    command += [*extra, str(REPO / "playbooks" / playbook)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120, check=False)
+
+
+LOCAL = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+
+
+def local_host(group: str, **variables: object) -> dict[str, object]:
+    return {"all": {"children": {group: {"hosts": {"localhost": {**LOCAL, **variables}}}}}}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], """Name the volumes to rotate: -e '{"luks_rotate_volumes": ["data"]}'"""),
+        (["-e", '{"luks_rotate_volumes": ["secrets"]}'], "No host of this play has the volume(s) secrets"),
+    ],
+    ids=["none-named", "not-on-any-host"],
+)
+def test_the_luks_rotation_refuses_a_request_it_would_do_nothing_for(tmp_path, extra, message):
+    volumes = [{"name": "data", "device": "/srv/luks/data.img", "mount_point": "/srv/private-llm"}]
+    result = run_ops_playbook(tmp_path, "rotate-luks-keys.yml", local_host("inference", luks_volumes=volumes), *extra)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert message in output, output
+    assert "Rotate the keys" not in output, output
+
+
+def test_the_luks_rotation_in_check_mode_says_what_it_would_do_on_the_hosts_with_the_volume(tmp_path):
+    volumes = [{"name": "data", "device": "/srv/luks/data.img", "mount_point": "/srv/private-llm"}]
+    inventory = local_host("inference", luks_volumes=volumes)
+    # A second host without the volume: skipped, not failed.
+    inventory["all"]["children"]["gateways"] = {"hosts": {"gateway": LOCAL}}  # type: ignore[index]
+    result = run_ops_playbook(tmp_path, "rotate-luks-keys.yml", inventory, "-e", '{"luks_rotate_volumes": ["data"]}')
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Would rotate the key of data on localhost" in output, output
+    assert re.search(r"gateway\s+: ok=\d+\s+changed=0 .* skipped=1", output), output
+
+
+def test_the_tls_rotation_needs_an_address_to_check_before_it_changes_anything(tmp_path):
+    result = run_ops_playbook(tmp_path, "rotate-tls.yml", local_host("gateways", nginx_server_name="api.pli.test"))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "certbot_rotate_check_address is empty: set pli_address" in output, output
+    assert "Read the certificate nginx serves now" not in output, output
