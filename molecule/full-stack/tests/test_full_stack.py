@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import ssl
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from cryptography import x509
 from stack import INVENTORY, NODES, PORT, ask, clients_asking, machine, metric
 
 testinfra_hosts = ["ansible://pli-stack-gw"]
@@ -181,6 +183,11 @@ def changed_tasks(output: str) -> list[str]:
 
 def run_site(*arguments: str) -> subprocess.CompletedProcess[str]:
     """site.yml against the scenario's hosts, as an operator runs it from the repository."""
+    return run_playbook("site.yml", *arguments)
+
+
+def run_playbook(playbook: str, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """One of the repository's playbooks against the scenario's hosts, as an operator runs it."""
     repo = Path(__file__).resolve().parents[3]
     env = {
         **os.environ,
@@ -189,7 +196,7 @@ def run_site(*arguments: str) -> subprocess.CompletedProcess[str]:
         "ANSIBLE_COLLECTIONS_PATH": str(repo / "collections"),
         "ANSIBLE_FORCE_COLOR": "false",
     }
-    command = [str(Path(sys.executable).parent / "ansible-playbook"), str(repo / "site.yml")]
+    command = [str(Path(sys.executable).parent / "ansible-playbook"), str(repo / playbook)]
     command += ["-i", str(Path(INVENTORY).parent), *arguments]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, check=False)
 
@@ -208,6 +215,37 @@ def test_a_documented_tag_runs_alone_on_the_converged_hosts(tags: str, check: bo
     recap = re.findall(r"changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", result.stdout)
     assert len(recap) == 3, result.stdout[-2000:]  # the gateway and the two nodes
     assert all(counts == ("0", "0", "0") for counts in recap), "\n".join(changed_tasks(result.stdout))
+
+
+def served_certificate(pebble_root: str) -> x509.Certificate:
+    """The certificate the gateway serves, read over a verified TLS handshake through its published port."""
+    context = ssl.create_default_context(cafile=pebble_root)
+    context.check_hostname = False
+    with (
+        socket.create_connection(("127.0.0.1", PORT), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="gateway.pli.test") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def test_the_gateway_certificate_rotates_under_load_with_no_failed_request(client, pebble_root):
+    """playbooks/rotate-tls.yml while four clients ask: a forced ACME renewal, a reload, the controller's
+    check of the served serial; every request answered, and the gateway serves a new certificate from the
+    same CA for the same name."""
+    before = served_certificate(pebble_root)
+    with clients_asking(client) as (answered, errors):
+        result = run_playbook("playbooks/rotate-tls.yml")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert errors == [], errors[:5]
+    print(f"{len(answered)} requests answered during the rotation, none failed")
+    after = served_certificate(pebble_root)
+    assert after.serial_number != before.serial_number
+    assert after.issuer == before.issuer
+    names = after.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "gateway.pli.test" in names.get_values_for_type(x509.DNSName)
+    assert f"serves serial {after.serial_number} until" in result.stdout
 
 
 def restart_times(node: str, since: float) -> tuple[float, float]:
