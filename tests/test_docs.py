@@ -5,6 +5,7 @@ document behind fails here, not on an operator's first day."""
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,36 +31,36 @@ def code_spans(text: str) -> Iterator[str]:
     yield from re.findall(r"`([^`\n]+)`", text)
 
 
-def yaml_tags(node: object) -> Iterator[str]:
+def values_under(node: object, keys: tuple[str, ...]) -> Iterator[object]:
+    """Every value of a key in `keys`, anywhere in a parsed YAML document (not below such a key)."""
     if isinstance(node, dict):
         for key, value in node.items():
-            if key == "tags":
-                yield from [value] if isinstance(value, str) else value
+            if key in keys:
+                yield value
             else:
-                yield from yaml_tags(value)
+                yield from values_under(value, keys)
     elif isinstance(node, list):
         for item in node:
-            yield from yaml_tags(item)
+            yield from values_under(item, keys)
 
 
-def defined_tags() -> set[str]:
+def parsed(path: Path) -> object:
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+@functools.cache
+def defined_tags() -> frozenset[str]:
     files = [REPO / "site.yml", *REPO.glob("playbooks/*.yml"), *REPO.glob("roles/*/tasks/*.yml")]
-    return {tag for path in files for tag in yaml_tags(yaml.safe_load(path.read_text(encoding="utf-8")))}
+    tags = (value for path in files for value in values_under(parsed(path), ("tags",)))
+    return frozenset(
+        tag
+        for value in tags
+        for tag in ([value] if isinstance(value, str) else value if isinstance(value, list) else [])
+    )
 
 
-def set_facts(node: object) -> Iterator[str]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in ("ansible.builtin.set_fact", "set_fact") and isinstance(value, dict):
-                yield from value
-            else:
-                yield from set_facts(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from set_facts(item)
-
-
-def known_variables() -> set[str]:
+@functools.cache
+def known_variables() -> frozenset[str]:
     """Role variables, the facts roles publish, the inventories' variables, the values of `choices`
     (docker_source's `docker_ce`) and the app's settings (`redis_url`), which share the prefixes."""
     names: set[str] = set(Settings.model_fields)
@@ -71,11 +72,12 @@ def known_variables() -> set[str]:
             for name, option in entry.get("options", {}).items():
                 names |= {name, *map(str, option.get("choices", []))}
         for path in (REPO / "roles" / role / "tasks").glob("*.yml"):
-            names |= set(set_facts(yaml.safe_load(path.read_text(encoding="utf-8"))))
+            facts = values_under(parsed(path), ("ansible.builtin.set_fact", "set_fact"))
+            names |= {name for value in facts if isinstance(value, dict) for name in value}
     for path in REPO.glob("inventories/*/group_vars/*/*"):
         if path.suffix in (".yml", ".example"):
             names |= set(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
-    return names | {"pli_rolling_batch"}  # an extra variable of the app and gateway plays (README)
+    return frozenset(names | {"pli_rolling_batch"})  # an extra variable of the app and gateway plays (README)
 
 
 @pytest.mark.parametrize("path", documents())

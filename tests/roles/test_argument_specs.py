@@ -47,6 +47,16 @@ BAD_INPUT = [
 ]
 
 
+def ansible_environment() -> dict[str, str]:
+    """ansible-playbook with this repository's roles and collections, without colours."""
+    return {
+        "ANSIBLE_COLLECTIONS_PATH": str(REPO / "collections"),
+        **os.environ,
+        "ANSIBLE_ROLES_PATH": str(REPO / "roles"),
+        "ANSIBLE_NOCOLOR": "1",
+    }
+
+
 def run_role(
     tmp_path: Path, role: str, variables: dict[str, object], *, check_mode: bool = False
 ) -> subprocess.CompletedProcess[str]:
@@ -69,12 +79,7 @@ def run_role(
             ]
         )
     )
-    env = {
-        "ANSIBLE_COLLECTIONS_PATH": str(REPO / "collections"),
-        **os.environ,
-        "ANSIBLE_ROLES_PATH": str(REPO / "roles"),
-        "ANSIBLE_NOCOLOR": "1",
-    }
+    env = ansible_environment()
     return subprocess.run(
         [
             str(Path(sys.executable).with_name("ansible-playbook")),
@@ -137,12 +142,7 @@ def run_ops_playbook(
     """One of playbooks/ against localhost (local connection, check mode: nothing could change here)."""
     hosts = tmp_path / "hosts.yml"
     hosts.write_text(yaml.safe_dump(inventory))
-    env = {
-        "ANSIBLE_COLLECTIONS_PATH": str(REPO / "collections"),
-        **os.environ,
-        "ANSIBLE_ROLES_PATH": str(REPO / "roles"),
-        "ANSIBLE_NOCOLOR": "1",
-    }
+    env = ansible_environment()
     command = [str(Path(sys.executable).with_name("ansible-playbook")), "-i", str(hosts), "--check"]
     command += [*extra, str(REPO / "playbooks" / playbook)]
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120, check=False)
