@@ -22,6 +22,9 @@ def _add_settings_options(parser: argparse.ArgumentParser) -> None:
             # --name and --no-name: a setting that defaults to on (prefix caching) can be switched off here.
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
+        if typing.get_origin(field.annotation) is list:
+            parser.add_argument(flag, dest=name, action="append", default=None, help=help_text + "; repeatable")
+            continue
         choices = None
         if typing.get_origin(field.annotation) is typing.Literal:
             choices = list(typing.get_args(field.annotation))

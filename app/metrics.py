@@ -107,6 +107,24 @@ class Metrics:
             "Usage rows recorded by requests and not yet written to the database.",
             registry=r,
         )
+        self.content_filter_blocks = Counter(
+            f"{PREFIX}_content_filter_blocks",
+            "Requests stopped by the sensitive-word filter, by direction (prompt or answer) and category.",
+            ["direction", "category"],
+            registry=r,
+        )
+        self.content_filter_terms = Gauge(
+            f"{PREFIX}_content_filter_terms",
+            "Terms of the word lists in force (blocked or allowed).",
+            ["list"],
+            registry=r,
+        )
+        self.content_filter_reloads = Counter(
+            f"{PREFIX}_content_filter_reloads",
+            "Word list reloads on SIGHUP, by result (ok, or failed: the previous lists stay in force).",
+            ["result"],
+            registry=r,
+        )
         self.state = Gauge(
             f"{PREFIX}_state",
             "1 for the state the server is in (what /ready reports), 0 for the others.",

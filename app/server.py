@@ -27,6 +27,7 @@ from app.ledger import UsageLedger
 from app.metrics import Metrics
 from app.quota import LocalQuota, Quota
 from app.quota.shared import SharedQuota
+from app.safety import ContentFilter, WordListError
 from app.settings import Settings
 from app.store import open_database
 from app.supervisor import Notifier, Supervisor
@@ -173,6 +174,12 @@ def _quota(settings: Settings, metrics: Metrics) -> Quota:
     return SharedQuota(client, LocalQuota(), metrics)
 
 
+def _content_filter(settings: Settings, metrics: Metrics) -> ContentFilter | None:
+    if not settings.sensitive_word_files:
+        return None
+    return ContentFilter(settings.sensitive_word_files, settings.sensitive_word_allow_files, metrics)
+
+
 def serve(settings: Settings) -> int:
     configure_logging(settings.log_level)
     # A fatal signal (systemd's watchdog sends SIGABRT) leaves every thread's stack in the journal.
@@ -198,7 +205,19 @@ def serve(settings: Settings) -> int:
         auth = Authenticator(keys, _token_service(settings))
     ledger = UsageLedger(database, settings.node_name, settings.ledger_flush_interval_s)
     metrics = Metrics()
-    services = Services(settings=settings, metrics=metrics, auth=auth, ledger=ledger, quota=_quota(settings, metrics))
+    try:
+        content_filter = _content_filter(settings, metrics)
+    except WordListError as exc:
+        logging.getLogger("app").error("refusing to start: %s", exc)
+        return 2
+    services = Services(
+        settings=settings,
+        metrics=metrics,
+        auth=auth,
+        ledger=ledger,
+        quota=_quota(settings, metrics),
+        content_filter=content_filter,
+    )
     app = create_app(services, build_engine)
     config = uvicorn.Config(
         app,
@@ -209,5 +228,11 @@ def serve(settings: Settings) -> int:
         timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
     )
     server = DrainingServer(config, services)
+    if content_filter is not None:
+        # Rebuilt off the signal handler: compiling large lists takes a moment, and requests go on meanwhile.
+        signal.signal(
+            signal.SIGHUP,
+            lambda *_: threading.Thread(target=content_filter.reload, name="reload-words", daemon=True).start(),
+        )
     server.run()
     return server.supervisor.exit_code

@@ -89,6 +89,16 @@ class Settings(BaseSettings):
         default=1.0, gt=0, le=60, description="how often usage rows queued by requests are written"
     )
 
+    sensitive_word_files: list[Path] = Field(
+        default_factory=list,
+        description="word lists (a term per line, # comments; the category is the file name without its suffix) "
+        "whose terms are refused in prompts and cut from answers; read again on SIGHUP",
+    )
+    sensitive_word_allow_files: list[Path] = Field(
+        default_factory=list,
+        description="allowed terms: a longer word holding a listed term, which then is not blocked there",
+    )
+
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="largest accepted request body")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM: time allowed for in-flight requests")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 429 queue-full answers")
@@ -110,6 +120,14 @@ class Settings(BaseSettings):
                 server_url(self.database_url)
             except ValueError as exc:
                 raise ValueError(f"database_url: {exc}") from exc
+        if self.sensitive_word_files or self.sensitive_word_allow_files:
+            from app.safety import WordListError, read_word_file
+
+            try:
+                for path in [*self.sensitive_word_files, *self.sensitive_word_allow_files]:
+                    read_word_file(path)
+            except WordListError as exc:
+                raise ValueError(str(exc)) from exc
         if self.jwt_keyring_file is not None:
             from app.auth.tokens import KeyringError, load_keyring
 

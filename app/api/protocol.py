@@ -154,7 +154,7 @@ class CompletionRequest(_Common):
 
 
 # --- responses ---------------------------------------------------------------------------------------------
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "content_filter"]
 
 
 class Usage(BaseModel):

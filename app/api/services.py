@@ -11,6 +11,7 @@ from app.engine import Engine
 from app.ledger import UsageLedger
 from app.metrics import Metrics
 from app.quota import LocalQuota, Quota
+from app.safety import ContentFilter
 from app.settings import Settings
 
 
@@ -22,6 +23,8 @@ class Services:
     auth: Authenticator | None
     quota: Quota = field(default_factory=LocalQuota)
     ledger: UsageLedger | None = None
+    # None: no sensitive_word_files.
+    content_filter: ContentFilter | None = None
     engine: Engine | None = None
     load_error: str | None = None
     draining: bool = False

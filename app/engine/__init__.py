@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 FinishReason = Literal["stop", "length"]
+# What ends an answer: an engine's reason, or content_filter when the serving pipeline's answer filter does.
+AnswerFinishReason = Literal["stop", "length", "content_filter"]
 
 
 class EngineError(Exception):
@@ -39,7 +41,7 @@ class GenerationChunk:
     """One step of a generation: new text, and on the last chunk the finish reason and token counts."""
 
     text: str
-    finish_reason: FinishReason | None = None
+    finish_reason: AnswerFinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None

@@ -9,7 +9,7 @@ being served while it works.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from app.api.errors import APIError
@@ -28,6 +28,10 @@ class Prepared:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    # The prompt's texts as the client sent them (each message's content, or the prompt), for the content
+    # filter, and the parameter that holds them.
+    texts: tuple[str, ...] = ()
+    prompt_param: str = "messages"
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,8 @@ async def prepare_chat(body: ChatCompletionRequest, engine: Engine, limits: Limi
         # The older name, when given too, must be valid as well.
         _refuse_if_over_the_context(engine, body.max_tokens, "max_tokens")
         requested, param = body.max_completion_tokens, "max_completion_tokens"
-    return _prepared("chat", body, engine, prompt_ids, requested, limits, "messages", param)
+    prepared = _prepared("chat", body, engine, prompt_ids, requested, limits, "messages", param)
+    return replace(prepared, texts=tuple(m["content"] for m in messages))
 
 
 async def prepare_completion(body: CompletionRequest, engine: Engine, limits: Limits) -> Prepared:
@@ -65,7 +70,8 @@ async def prepare_completion(body: CompletionRequest, engine: Engine, limits: Li
     prompt_ids = await asyncio.to_thread(engine.encode_prompt, prompt)
     if not prompt_ids:
         raise APIError(400, "The prompt is empty: it must hold a token.", param="prompt", code="invalid_value")
-    return _prepared("completion", body, engine, prompt_ids, body.max_tokens, limits, "prompt", "max_tokens")
+    prepared = _prepared("completion", body, engine, prompt_ids, body.max_tokens, limits, "prompt", "max_tokens")
+    return replace(prepared, texts=(prompt,), prompt_param="prompt")
 
 
 def _check_common(body: ChatCompletionRequest | CompletionRequest, engine: Engine) -> None:

@@ -216,12 +216,28 @@ def _main_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServe
     redis.stop()
 
 
+# The main server's sensitive-word list: every answer of the suite goes through the answer filter. Its one
+# term is in no answer; the content filter tests change the list and send SIGHUP, then put it back.
+MAIN_WORD_LIST = "# a term no answer holds\nzqxjvk\n"
+
+
 @pytest.fixture(scope="session")
-def _main_servers(tmp_path_factory: pytest.TempPathFactory, _main_redis: RedisServer) -> Iterator[SharedServer]:
+def main_word_list(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("words") / "demo.txt"
+    path.write_text(MAIN_WORD_LIST, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def _main_servers(
+    tmp_path_factory: pytest.TempPathFactory, _main_redis: RedisServer, main_word_list: Path
+) -> Iterator[SharedServer]:
     # Quotas counted in a real Redis, as on a site with several nodes; the small server counts alone.
     shared = SharedServer(
         tmp_path_factory,
         "main",
+        "--sensitive-word-files",
+        str(main_word_list),
         "--redis-url",
         f"redis://127.0.0.1:{_main_redis.port}/0",
         "--max-batch-size",
