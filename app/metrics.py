@@ -125,6 +125,13 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.pii_detections = Counter(
+            f"{PREFIX}_pii_detections",
+            "Personal data found, by direction (prompt or answer), kind (phone, id, card, email) and action "
+            "(redacted or blocked).",
+            ["direction", "kind", "action"],
+            registry=r,
+        )
         self.state = Gauge(
             f"{PREFIX}_state",
             "1 for the state the server is in (what /ready reports), 0 for the others.",

@@ -99,6 +99,18 @@ class Settings(BaseSettings):
         description="allowed terms: a longer word holding a listed term, which then is not blocked there",
     )
 
+    pii_mode_prompt: Literal["off", "redact_stored", "redact", "block"] = Field(
+        default="redact_stored",
+        description="personal data (mobile numbers, resident ID numbers, bank cards, e-mail) in prompts: off; "
+        "redact_stored: kept out of logs and stored records only; redact: replaced by [PHONE], [ID], [CARD], "
+        "[EMAIL] before the model sees it; block: the request is refused (400 pii_detected)",
+    )
+    pii_mode_answer: Literal["off", "redact_stored", "redact", "block"] = Field(
+        default="redact_stored",
+        description="personal data in answers: off, redact_stored, redact (replaced before the client sees it), "
+        "block (the answer ends before it, finish_reason content_filter)",
+    )
+
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="largest accepted request body")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM: time allowed for in-flight requests")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 429 queue-full answers")

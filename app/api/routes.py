@@ -26,6 +26,7 @@ from app.api.protocol import (
 from app.api.services import Services
 from app.serving import pipeline
 from app.serving.requests import Limits, prepare_chat, prepare_completion
+from app.serving.safety import safety_of
 
 router = APIRouter()
 
@@ -131,7 +132,7 @@ async def list_models(_: Authenticated, engine: ReadyEngine) -> ModelList:
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, principal: Authenticated, engine: ReadyEngine, services: ServicesDep
 ) -> Response:
-    prepared = await prepare_chat(body, engine, _limits(services))
+    prepared = await prepare_chat(body, engine, _limits(services), safety_of(services))
     return await pipeline.run(prepared, principal, engine, request, services)
 
 
@@ -139,5 +140,5 @@ async def chat_completions(
 async def completions(
     body: CompletionRequest, request: Request, principal: Authenticated, engine: ReadyEngine, services: ServicesDep
 ) -> Response:
-    prepared = await prepare_completion(body, engine, _limits(services))
+    prepared = await prepare_completion(body, engine, _limits(services), safety_of(services))
     return await pipeline.run(prepared, principal, engine, request, services)

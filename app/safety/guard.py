@@ -6,18 +6,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from app.safety.words import Match, WordFilter, fold
+from app.safety.words import FOLDED, Match, WordFilter
 
 
 @dataclass
 class AnswerGuard:
     words: WordFilter
-    # The answer's text received and not released yet.
+    # The answer's text received and not released yet, and where in the whole answer it starts.
     _pending: str = ""
+    _base: int = 0
     # Normal form of the last released characters (as many as an allowed term covering a later match may
-    # reach back), then of the pending text; and, for each pending normal-form character, where in _pending
-    # the character it came from starts.
-    _normal: list[str] = field(default_factory=list)
+    # reach back: _history of them), then of the pending text; for each pending normal-form character, the
+    # position in the answer of the character it came from.
+    _normal: str = ""
     _history: int = 0
     _origin: list[int] = field(default_factory=list)
 
@@ -31,38 +32,44 @@ class AnswerGuard:
         return self._take(text, complete=True)
 
     def _take(self, text: str, complete: bool) -> tuple[str, Match | None]:
-        offset = len(self._pending)
+        position = self._base + len(self._pending)
         self._pending += text
-        for index, character in enumerate(text, start=offset):
-            for folded in fold(character):
-                self._normal.append(folded)
-                self._origin.append(index)
-        normal = "".join(self._normal)
+        added = []
+        origin = self._origin
+        # The answer filter's hot loop (a call per engine chunk): a dictionary look-up per character.
+        for index, character in enumerate(text, start=position):
+            folded = FOLDED[ord(character)]
+            if len(folded) == 1:
+                added.append(folded)
+                origin.append(index)
+            elif folded:
+                added.append(folded)
+                origin.extend([index] * len(folded))
+        normal = self._normal + "".join(added)
         match, undecided = self.words.first_match(normal, since=self._history, complete=complete)
         if match is not None:
-            released = self._pending[: self._origin[match.start - self._history]]
-            self._pending = ""
-            return released, match
+            return self._release_to(self._origin[match.start - self._history]), match
         if complete:
-            released, self._pending = self._pending, ""
-            return released, None
+            return self._release_to(self._base + len(self._pending)), None
         # A term of longest_term characters starting at `cut` or later may still be completed by more text.
         cut = max(self._history, len(normal) - max(0, self.words.longest_term - 1))
         if undecided is not None:
             cut = min(cut, undecided)
         held_from = cut - self._history
         # A character that folds into several (a ligature) is held or released whole.
-        while 0 < held_from < len(self._origin) and self._origin[held_from - 1] == self._origin[held_from]:
+        while 0 < held_from < len(origin) and origin[held_from - 1] == origin[held_from]:
             held_from -= 1
         cut = held_from + self._history
-        if held_from >= len(self._origin):
-            released, self._pending, self._origin = self._pending, "", []
-        else:
-            boundary = self._origin[held_from]
-            released, self._pending = self._pending[:boundary], self._pending[boundary:]
-            self._origin = [index - boundary for index in self._origin[held_from:]]
+        released = self._release_to(origin[held_from] if held_from < len(origin) else position + len(text))
+        self._origin = origin[held_from:]
         # What is released stays in view only as far as an allowed term covering a later match reaches back.
-        keep = max(0, self.words.longest_allowed - 1)
-        self._normal = list(normal[max(0, cut - keep) : cut]) + list(normal[cut:])
-        self._history = min(keep, cut)
+        keep = min(max(0, self.words.longest_allowed - 1), cut)
+        self._normal = normal[cut - keep :]
+        self._history = keep
         return released, None
+
+    def _release_to(self, end: int) -> str:
+        """The pending text before position `end` of the answer, which leaves the pending text."""
+        released, self._pending = self._pending[: end - self._base], self._pending[end - self._base :]
+        self._base = end
+        return released

@@ -15,7 +15,6 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import ahocorasick
@@ -29,7 +28,6 @@ class WordListError(ValueError):
     """A word list cannot be read, or holds a line that is no term."""
 
 
-@lru_cache(maxsize=65_536)
 def fold(character: str) -> str:
     """The normal form of one character: what it stands for in matching, often one character, possibly
     none (it is dropped) or several (a ligature)."""
@@ -37,8 +35,21 @@ def fold(character: str) -> str:
     return "".join(c for c in folded if unicodedata.category(c)[0] not in _IGNORED_CATEGORIES)
 
 
+class _FoldedCharacters(dict[int, str]):
+    """Each character's normal form by code point (a str.translate table), worked out the first time it is
+    asked for; at most one entry per character ever seen."""
+
+    def __missing__(self, code: int) -> str:
+        folded = self[code] = fold(chr(code))
+        return folded
+
+
+# Shared by every filter: the normal form does not depend on the lists.
+FOLDED = _FoldedCharacters()
+
+
 def normalize(text: str) -> str:
-    return "".join(fold(c) for c in text)
+    return text.translate(FOLDED)
 
 
 @dataclass(frozen=True)

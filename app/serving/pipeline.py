@@ -18,7 +18,7 @@ from app.engine import Engine, EngineUnavailableError, GenerationChunk, QueueFul
 from app.serving.account import Account
 from app.serving.requests import Prepared
 from app.serving.responses import Renderer
-from app.serving.safety import filtered_answer, refuse_blocked_prompt
+from app.serving.safety import guarded_answer, safety_of
 
 # How often a non-streamed request looks whether its client is still there.
 _DISCONNECT_POLL_S = 0.25
@@ -31,20 +31,20 @@ async def run(
 ) -> Response:
     account = Account(services, principal, prepared, request_id=request.state.request_id)
     await account.admit()
-    content_filter = services.content_filter
-    if content_filter is not None:
-        try:
-            await refuse_blocked_prompt(content_filter, prepared.texts, prepared.prompt_param)
-        except APIError as exc:
-            account.close(exc.status, "content_filter")
-            raise
+    safety = safety_of(services)
+    try:
+        await safety.refuse_blocked_prompt(prepared.texts, prepared.prompt_param)
+    except APIError as exc:
+        account.close(exc.status, "content_filter")
+        raise
     try:
         stream = _start(engine, prepared, services.settings.retry_after_s)
     except APIError as exc:
         account.close(exc.status)
         raise
-    if content_filter is not None and content_filter.words:
-        stream = filtered_answer(stream, content_filter, len(prepared.prompt_ids))
+    guards = safety.answer_guards()
+    if guards:
+        stream = guarded_answer(stream, guards, len(prepared.prompt_ids))
     renderer = Renderer(prepared)
     if not prepared.stream:
         try:

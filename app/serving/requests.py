@@ -16,6 +16,7 @@ from app.api.errors import APIError
 from app.api.protocol import ChatCompletionRequest, CompletionRequest
 from app.engine import Engine, PromptError, SamplingParams
 from app.engine.sampler import GREEDY_TEMPERATURE
+from app.serving.safety import Safety
 
 Kind = Literal["chat", "completion"]
 
@@ -42,13 +43,15 @@ class Limits:
     max_tokens_limit: int | None = None
 
 
-async def prepare_chat(body: ChatCompletionRequest, engine: Engine, limits: Limits) -> Prepared:
+async def prepare_chat(body: ChatCompletionRequest, engine: Engine, limits: Limits, safety: Safety) -> Prepared:
     _check_common(body, engine)
     if not engine.has_chat_template():
         raise APIError(400, "This model has no chat template; use /v1/completions.", param="messages")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     text_bytes = sum(len(m["content"].encode()) for m in messages)
     _refuse_if_it_cannot_fit(engine, engine.fewest_tokens(text_bytes, len(messages)), "messages")
+    screened = await safety.screen_prompt([m["content"] for m in messages], "messages")
+    messages = [{**m, "content": text} for m, text in zip(messages, screened, strict=True)]
     try:
         prompt_ids = await asyncio.to_thread(engine.encode_chat, messages)
     except PromptError as exc:
@@ -63,10 +66,11 @@ async def prepare_chat(body: ChatCompletionRequest, engine: Engine, limits: Limi
     return replace(prepared, texts=tuple(m["content"] for m in messages))
 
 
-async def prepare_completion(body: CompletionRequest, engine: Engine, limits: Limits) -> Prepared:
+async def prepare_completion(body: CompletionRequest, engine: Engine, limits: Limits, safety: Safety) -> Prepared:
     _check_common(body, engine)
     prompt = body.prompt_text()
     _refuse_if_it_cannot_fit(engine, engine.fewest_tokens(len(prompt.encode())), "prompt")
+    (prompt,) = await safety.screen_prompt([prompt], "prompt")
     prompt_ids = await asyncio.to_thread(engine.encode_prompt, prompt)
     if not prompt_ids:
         raise APIError(400, "The prompt is empty: it must hold a token.", param="prompt", code="invalid_value")

@@ -1,41 +1,140 @@
-"""The pipeline's safety step: a prompt holding a blocked term is refused before the engine sees it, and an
-answer is passed through the answer filter, which ends it (and its generation) at a blocked term."""
+"""The pipeline's safety step. Prompts: personal data redacted before the model sees it, or the request
+refused (pii_mode_prompt); a prompt holding a blocked term refused. Answers: passed through the answer
+guards (sensitive words, then personal data per pii_mode_answer), which hold back only what they must,
+and end the answer (and its generation) at a blocked term."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 from app.api.errors import APIError
+from app.api.services import Services
 from app.engine import GenerationChunk
-from app.safety import AnswerGuard, ContentFilter
+from app.metrics import Metrics
+from app.safety import AnswerGuard, ContentFilter, Match
+from app.safety.pii import PiiGuard, PiiKind, find_pii, redact
+
+# off: nothing done; redact_stored: the model sees it, every log and stored record holds it redacted (no text
+# is logged or stored today, so this is off until the conversation archive stores some); redact: replaced by
+# [PHONE], [ID], [CARD], [EMAIL] before the model sees it (prompts) or the client does (answers); block: a
+# prompt is refused, an answer ends before it.
+PiiMode = Literal["off", "redact_stored", "redact", "block"]
 
 
-async def refuse_blocked_prompt(content_filter: ContentFilter, texts: Sequence[str], param: str) -> None:
-    words = content_filter.words
-    if not words:
-        return
-    # Normalising is a pass over every character of the prompt: off the event loop, as tokenizing is.
-    match = await asyncio.to_thread(lambda: next(filter(None, map(words.find, texts)), None))
-    if match is None:
-        return
-    content_filter.blocked("prompt", match.category)
-    # The category, never the term: the answer must not teach how to get round the list.
-    raise APIError(
-        400,
-        f"The request was refused by the content filter (category: {match.category}).",
-        param=param,
-        code="content_filter",
-    )
+class StreamGuard(Protocol):
+    def feed(self, text: str) -> tuple[str, object | None]: ...
+
+    def finish(self, text: str = "") -> tuple[str, object | None]: ...
 
 
-async def filtered_answer(
-    stream: AsyncIterator[GenerationChunk], content_filter: ContentFilter, prompt_tokens: int
+@dataclass(frozen=True)
+class Safety:
+    content_filter: ContentFilter | None
+    pii_prompt: PiiMode
+    pii_answer: PiiMode
+    metrics: Metrics
+
+    def _pii_seen(self, direction: str, action: str) -> Callable[[PiiKind], None]:
+        def record(kind: PiiKind) -> None:
+            self.metrics.pii_detections.labels(direction=direction, kind=kind, action=action).inc()
+
+        return record
+
+    async def screen_prompt(self, texts: list[str], param: str) -> list[str]:
+        """The texts the model may see: as sent, or with their personal data redacted; a 400 when blocked."""
+        if self.pii_prompt not in ("redact", "block"):
+            return texts
+        # A pass over every character of the prompt: off the event loop, as tokenizing is.
+        found = await asyncio.to_thread(lambda: [find_pii(text) for text in texts])
+        if self.pii_prompt == "block":
+            kinds = sorted({item.kind for items in found for item in items})
+            if kinds:
+                record = self._pii_seen("prompt", "blocked")
+                for kind in kinds:
+                    record(kind)
+                raise APIError(
+                    400,
+                    f"The request holds personal data ({', '.join(kinds)}), which this server does not accept.",
+                    param=param,
+                    code="pii_detected",
+                )
+            return texts
+        record = self._pii_seen("prompt", "redacted")
+        for item in (item for items in found for item in items):
+            record(item.kind)
+        return [redact(text, items) if items else text for text, items in zip(texts, found, strict=True)]
+
+    async def refuse_blocked_prompt(self, texts: Sequence[str], param: str) -> None:
+        content_filter = self.content_filter
+        if content_filter is None or not content_filter.words:
+            return
+        words = content_filter.words
+        match = await asyncio.to_thread(lambda: next(filter(None, map(words.find, texts)), None))
+        if match is None:
+            return
+        content_filter.blocked("prompt", match.category)
+        # The category, never the term: the answer must not teach how to get round the list.
+        raise APIError(
+            400,
+            f"The request was refused by the content filter (category: {match.category}).",
+            param=param,
+            code="content_filter",
+        )
+
+    def answer_guards(self) -> list[StreamGuard]:
+        guards: list[StreamGuard] = []
+        if self.content_filter is not None and self.content_filter.words:
+            guards.append(_Words(AnswerGuard(self.content_filter.words), self.content_filter))
+        if self.pii_answer in ("redact", "block"):
+            blocking = self.pii_answer == "block"
+            on_found = self._pii_seen("answer", "blocked" if blocking else "redacted")
+            guards.append(PiiGuard(blocking=blocking, on_found=on_found))
+        return guards
+
+
+@dataclass
+class _Words:
+    """The word guard, counting what it blocks."""
+
+    guard: AnswerGuard
+    content_filter: ContentFilter
+
+    def feed(self, text: str) -> tuple[str, Match | None]:
+        return self._counted(*self.guard.feed(text))
+
+    def finish(self, text: str = "") -> tuple[str, Match | None]:
+        return self._counted(*self.guard.finish(text))
+
+    def _counted(self, text: str, match: Match | None) -> tuple[str, Match | None]:
+        if match is not None:
+            self.content_filter.blocked("answer", match.category)
+        return text, match
+
+
+def safety_of(services: Services) -> Safety:
+    settings = services.settings
+    return Safety(services.content_filter, settings.pii_mode_prompt, settings.pii_mode_answer, services.metrics)
+
+
+def _through(guards: list[StreamGuard], text: str, last: bool) -> tuple[str, bool]:
+    """`text` through each guard in turn; whether one of them ended the answer (the guards after it are
+    finished with what it let through)."""
+    stopped = False
+    for guard in guards:
+        text, stop = guard.finish(text) if last or stopped else guard.feed(text)
+        stopped = stopped or stop is not None
+    return text, stopped
+
+
+async def guarded_answer(
+    stream: AsyncIterator[GenerationChunk], guards: list[StreamGuard], prompt_tokens: int
 ) -> AsyncIterator[GenerationChunk]:
-    """The engine's chunks with their text passed through the answer filter. Held-back text goes out with
-    a later chunk; a chunk may so carry no text. On a blocked term the last chunk has finish_reason
+    """The engine's chunks with their text passed through the guards. Held-back text goes out with a later
+    chunk, so a chunk may carry no text. When a guard ends the answer, the last chunk has finish_reason
     content_filter, and closing the engine's stream ends the generation and frees its slot."""
-    guard = AnswerGuard(content_filter.words)
     produced = 0
     try:
         async for chunk in stream:
@@ -43,12 +142,8 @@ async def filtered_answer(
                 yield chunk
                 return
             produced += 1
-            if chunk.finish_reason is None:
-                text, match = guard.feed(chunk.text)
-            else:
-                text, match = guard.finish(chunk.text)
-            if match is not None:
-                content_filter.blocked("answer", match.category)
+            text, stopped = _through(guards, chunk.text, last=chunk.finish_reason is not None)
+            if stopped:
                 yield GenerationChunk(
                     text=text, finish_reason="content_filter", prompt_tokens=prompt_tokens, completion_tokens=produced
                 )

@@ -197,7 +197,7 @@ def assert_answer_is_sound(response: httpx.Response, case: Case) -> None:
 
 
 def test_mutated_requests_never_get_a_5xx_and_the_server_goes_on(contract_server: Server) -> None:
-    rng = random.Random(SEED)  # noqa: S311 - a replayable test, not a secret
+    rng = random.Random(SEED)
     next_case = cases(rng)
     statuses: dict[int, int] = {}
     auth = {"authorization": f"Bearer {contract_server.key}"}

@@ -238,6 +238,9 @@ def _main_servers(
         "main",
         "--sensitive-word-files",
         str(main_word_list),
+        # Answers reach clients with their personal data replaced (tests/app/test_pii.py).
+        "--pii-mode-answer",
+        "redact",
         "--redis-url",
         f"redis://127.0.0.1:{_main_redis.port}/0",
         "--max-batch-size",
@@ -268,6 +271,12 @@ def _small_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedS
         "1",
         "--retry-after-s",
         "3",
+        # Prompts reach the model with their personal data replaced; every log line is written (test_pii.py:
+        # none holds a prompt's text).
+        "--pii-mode-prompt",
+        "redact",
+        "--log-level",
+        "debug",
         "--drain-timeout-s",
         "60",
         # Longer than any test: only the drain writes its usage rows.

@@ -110,7 +110,7 @@ ANSWER_FILTER = words({"demo": ["forbidden", "机密文件"]}, allowed=["unforbi
 
 @pytest.mark.parametrize("seed", range(200))
 def test_the_answer_filter_releases_all_before_a_term_and_nothing_of_it_however_it_is_split(seed: int) -> None:
-    rng = random.Random(seed)  # noqa: S311 - reproducible test data
+    rng = random.Random(seed)
     alphabet = "abc de,f。机密文件的 unforbidde"
     before = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))
     term = rng.choice(["forbidden", "for bid-den", "机 密\u200b文件", fullwidth("FORBIDDEN")])
@@ -129,7 +129,7 @@ def test_the_answer_filter_releases_all_before_a_term_and_nothing_of_it_however_
 
 @pytest.mark.parametrize("seed", range(100))
 def test_an_answer_without_a_term_goes_out_whole_and_only_a_short_tail_is_ever_held(seed: int) -> None:
-    rng = random.Random(seed)  # noqa: S311 - reproducible test data
+    rng = random.Random(seed)
     alphabet = "abcdefor idn,。机密的文 unforbiddenness"
     text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 120)))
     if ANSWER_FILTER.find(text) is not None:
