@@ -8,6 +8,7 @@ import typing
 
 from pydantic import ValidationError
 
+from app.cli_archive import add_archive_commands
 from app.cli_keys import add_keys_commands, open_app_database, run_keys_command
 from app.cli_usage import add_usage_commands, run_usage_command
 from app.settings import Settings
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     keys = commands.add_parser("keys", help="manage API keys")
     add_keys_commands(keys)
     add_usage_commands(commands.add_parser("usage", help="the usage ledger: verify its chains, export for billing"))
+    add_archive_commands(
+        commands.add_parser("archive", help="the encrypted conversation archive: keys, export, retention")
+    )
     return parser
 
 
@@ -84,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "usage":
         return run_usage_command(args, open_app_database(args))
+    if args.command == "archive":
+        from app.cli_archive import run_archive_command
+
+        return run_archive_command(args)
     return run_keys_command(args)
 
 

@@ -23,7 +23,7 @@ GROUPS = ("tenant", "key_id", "model", "day", "node")
 ROW_FIELDS = ("id", "at", *(name for name in HASHED_FIELDS if name != "at_ms"))
 
 
-def _moment(text: str) -> datetime:
+def moment(text: str) -> datetime:
     """A date (midnight UTC) or an ISO 8601 time; naive times are UTC."""
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -51,8 +51,8 @@ def add_usage_commands(parser: argparse.ArgumentParser) -> None:
     export = commands.add_parser("export", help="usage for billing, as CSV or JSON (never any text)")
     for command in (verify, export):
         add_database_options(command)
-    export.add_argument("--since", type=_moment, required=True, help="from this date or time (UTC), inclusive")
-    export.add_argument("--until", type=_moment, required=True, help="to this date or time (UTC), exclusive")
+    export.add_argument("--since", type=moment, required=True, help="from this date or time (UTC), inclusive")
+    export.add_argument("--until", type=moment, required=True, help="to this date or time (UTC), exclusive")
     export.add_argument("--tenant", default=None, help="only this tenant")
     export.add_argument("--group-by", type=_groups, default=None, help=f"sum by any of {','.join(GROUPS)}")
     export.add_argument("--format", choices=("csv", "json"), default="csv")

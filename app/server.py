@@ -19,6 +19,7 @@ from sqlalchemy.exc import OperationalError
 
 from app.api.app import create_app
 from app.api.services import Services
+from app.archive import Archive, MasterKeys
 from app.auth import Authenticator, KeyStore, TokenService
 from app.engine import Engine
 from app.engine.loader import load_model
@@ -210,6 +211,15 @@ def serve(settings: Settings) -> int:
     except WordListError as exc:
         logging.getLogger("app").error("refusing to start: %s", exc)
         return 2
+    archive = None
+    if settings.archive_enabled or settings.archive_tenants:
+        assert settings.archive_key_file is not None  # the settings check requires it
+        archive = Archive(
+            database,
+            MasterKeys.from_file(settings.archive_key_file),
+            settings.archive_retention_days,
+            settings.ledger_flush_interval_s,
+        )
     services = Services(
         settings=settings,
         metrics=metrics,
@@ -217,6 +227,7 @@ def serve(settings: Settings) -> int:
         ledger=ledger,
         quota=_quota(settings, metrics),
         content_filter=content_filter,
+        archive=archive,
     )
     app = create_app(services, build_engine)
     config = uvicorn.Config(

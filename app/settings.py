@@ -111,6 +111,21 @@ class Settings(BaseSettings):
         "block (the answer ends before it, finish_reason content_filter)",
     )
 
+    archive_enabled: bool = Field(
+        default=False, description="keep every request's messages and answer in the encrypted archive"
+    )
+    archive_tenants: list[str] = Field(
+        default_factory=list, description="tenants whose requests are archived (besides all, with archive_enabled)"
+    )
+    archive_key_file: Path | None = Field(
+        default=None,
+        description="the archive's master keys: one url-safe base64 32-byte key per line, the first the primary "
+        "(python -m app archive keygen)",
+    )
+    archive_retention_days: int = Field(
+        default=180, ge=1, description="days an archived record is kept; then its day's data key is destroyed"
+    )
+
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024, description="largest accepted request body")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM: time allowed for in-flight requests")
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After sent with 429 queue-full answers")
@@ -140,6 +155,15 @@ class Settings(BaseSettings):
                     read_word_file(path)
             except WordListError as exc:
                 raise ValueError(str(exc)) from exc
+        if self.archive_enabled or self.archive_tenants:
+            if self.archive_key_file is None:
+                raise ValueError("archive_key_file: needed when archive_enabled or archive_tenants is set")
+            from app.archive import ArchiveKeyError, MasterKeys
+
+            try:
+                MasterKeys.from_file(self.archive_key_file)
+            except ArchiveKeyError as exc:
+                raise ValueError(f"archive_key_file: {exc}") from exc
         if self.jwt_keyring_file is not None:
             from app.auth.tokens import KeyringError, load_keyring
 

@@ -102,6 +102,8 @@ def create_app(services: Services, engine_factory: EngineFactory) -> FastAPI:
                 await services.quota.aclose()
             if services.ledger is not None:
                 await asyncio.to_thread(services.ledger.close)
+            if services.archive is not None:
+                await asyncio.to_thread(services.archive.close)
 
     # No trailing-slash redirects: they would build a Location from the client's Host header.
     app = FastAPI(

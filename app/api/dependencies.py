@@ -31,7 +31,9 @@ def authenticate(request: Request, services: ServicesDep) -> Principal:
         principal = services.auth.authenticate(credential(request), time.time())
     except AuthenticationError as exc:
         raise APIError(401, exc.message, code=exc.code) from exc
-    request.state.key_id = principal.key_id  # for the access log
+    # For the access log, and for the gateway's (app/api/middleware.py).
+    request.state.key_id = principal.key_id
+    request.state.tenant = principal.tenant
     return principal
 
 

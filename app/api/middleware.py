@@ -6,6 +6,7 @@ import logging
 import re
 import secrets
 import time
+from urllib.parse import quote
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -67,6 +68,7 @@ class RequestObserver:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message["headers"] = [*message.get("headers", []), *_principal_headers(scope.get("state", {}))]
             await send(message)
 
         try:
@@ -84,7 +86,19 @@ class RequestObserver:
             }
             if state.get("key_id") is not None:
                 fields["key_id"] = state["key_id"]
+                fields["tenant"] = state.get("tenant")
             log.info("request", extra={"fields": fields})
+
+
+def _principal_headers(state: dict[str, object]) -> list[tuple[bytes, bytes]]:
+    """The key's id and tenant, for the gateway's access log (nginx logs them and keeps them from the
+    client); percent-encoded, as a header holds only ASCII."""
+    if state.get("key_id") is None:
+        return []
+    return [
+        (b"x-pli-key-id", quote(str(state["key_id"]), safe="").encode()),
+        (b"x-pli-tenant", quote(str(state.get("tenant", "")), safe="-_.~@+").encode()),
+    ]
 
 
 class BodyLimit:

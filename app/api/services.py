@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from app.archive import Archive
 from app.auth import Authenticator
 from app.engine import Engine
 from app.ledger import UsageLedger
@@ -25,10 +26,16 @@ class Services:
     ledger: UsageLedger | None = None
     # None: no sensitive_word_files.
     content_filter: ContentFilter | None = None
+    # None: the archive is off (archive_enabled, archive_tenants).
+    archive: Archive | None = None
     engine: Engine | None = None
     load_error: str | None = None
     draining: bool = False
     in_flight: int = field(default=0)
+
+    def archives(self, tenant: str) -> bool:
+        settings = self.settings
+        return self.archive is not None and (settings.archive_enabled or tenant in settings.archive_tenants)
 
     def state(self) -> str:
         """ready, loading, draining or failed: what /ready reports and what gates generation."""

@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 
 from app.api.errors import APIError
 from app.api.services import Services
+from app.archive import Conversation
 from app.auth import Principal
 from app.engine import GenerationChunk
 from app.ledger import UsageRecord
 from app.quota import QuotaExceededError, Reservation
+from app.safety.pii import redact
 from app.serving.requests import Prepared
 
 ENDPOINTS = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
@@ -31,6 +33,8 @@ class Account:
     last: GenerationChunk | None = None
     first_token_s: float | None = None
     closed: bool = False
+    # The answer as the client got it (after the answer guards), for the conversation archive.
+    answer_parts: list[str] = field(default_factory=list)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -59,6 +63,8 @@ class Account:
             self.first_token_s = time.monotonic() - self.started
         self.chunks += 1
         self.last = chunk
+        if chunk.text:
+            self.answer_parts.append(chunk.text)
 
     def finished(self) -> bool:
         return self.last is not None and self.last.finish_reason is not None
@@ -79,6 +85,9 @@ class Account:
         if self.reservation is not None:
             self.services.quota.settle(self.reservation, prompt + completion)
         reason = self.last.finish_reason if self.finished() and self.last else finish_reason
+        # Archived once the engine ran: what was asked and what the client was sent, however it ended.
+        if self.chunks and self.services.archives(self.principal.tenant):
+            self._archive(reason)
         ledger = self.services.ledger
         if ledger is None:
             return
@@ -97,5 +106,30 @@ class Account:
                 finish_reason=reason,
                 ttft_ms=None if self.first_token_s is None else round(self.first_token_s * 1000),
                 latency_ms=round((time.monotonic() - self.started) * 1000),
+            )
+        )
+
+    def _archive(self, finish_reason: str | None) -> None:
+        assert self.services.archive is not None
+        settings = self.services.settings
+        # redact_stored: the model and the client saw it; what is stored holds it redacted.
+        texts = self.prepared.texts
+        if settings.pii_mode_prompt == "redact_stored":
+            texts = tuple(redact(text) for text in texts)
+        answer = "".join(self.answer_parts)
+        if settings.pii_mode_answer == "redact_stored":
+            answer = redact(answer)
+        self.services.archive.record(
+            Conversation(
+                request_id=self.request_id,
+                at_ms=self.at_ms,
+                node=settings.node_name,
+                tenant=self.principal.tenant,
+                key_id=self.principal.key_id,
+                model=self.prepared.model,
+                endpoint=ENDPOINTS[self.prepared.kind],
+                finish_reason=finish_reason,
+                messages=tuple(zip(self.prepared.roles, texts, strict=True)),
+                answer=answer,
             )
         )

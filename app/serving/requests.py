@@ -33,6 +33,8 @@ class Prepared:
     # filter, and the parameter that holds them.
     texts: tuple[str, ...] = ()
     prompt_param: str = "messages"
+    # Each text's role (user, system, ...; "prompt" for a completion), for the conversation archive.
+    roles: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,7 @@ async def prepare_chat(body: ChatCompletionRequest, engine: Engine, limits: Limi
         _refuse_if_over_the_context(engine, body.max_tokens, "max_tokens")
         requested, param = body.max_completion_tokens, "max_completion_tokens"
     prepared = _prepared("chat", body, engine, prompt_ids, requested, limits, "messages", param)
-    return replace(prepared, texts=tuple(m["content"] for m in messages))
+    return replace(prepared, texts=tuple(m["content"] for m in messages), roles=tuple(m["role"] for m in messages))
 
 
 async def prepare_completion(body: CompletionRequest, engine: Engine, limits: Limits, safety: Safety) -> Prepared:
@@ -75,7 +77,7 @@ async def prepare_completion(body: CompletionRequest, engine: Engine, limits: Li
     if not prompt_ids:
         raise APIError(400, "The prompt is empty: it must hold a token.", param="prompt", code="invalid_value")
     prepared = _prepared("completion", body, engine, prompt_ids, body.max_tokens, limits, "prompt", "max_tokens")
-    return replace(prepared, texts=(prompt,), prompt_param="prompt")
+    return replace(prepared, texts=(prompt,), prompt_param="prompt", roles=("prompt",))
 
 
 def _check_common(body: ChatCompletionRequest | CompletionRequest, engine: Engine) -> None:

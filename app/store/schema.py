@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table
+from sqlalchemy import BigInteger, Column, Integer, LargeBinary, MetaData, String, Table
 
 metadata = MetaData()
 
@@ -46,4 +46,44 @@ usage = Table(
     Column("latency_ms", Integer, nullable=False),
     Column("prev_hash", String, nullable=False),
     Column("row_hash", String, nullable=False),
+)
+
+# The encrypted conversation archive (app/archive): each day's data key wrapped by a master key, records
+# sealed with their day's key (no text in the clear), and every export made.
+archive_data_keys = Table(
+    "archive_data_keys",
+    metadata,
+    Column("day", String, primary_key=True),
+    Column("master_kid", String, nullable=False),
+    Column("wrapped_key", LargeBinary, nullable=False),
+    Column("created_at_ms", BigInteger, nullable=False),
+)
+
+archive_records = Table(
+    "archive_records",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("request_id", String, nullable=False),
+    Column("at_ms", BigInteger, nullable=False),
+    Column("day", String, nullable=False),
+    Column("node", String, nullable=False),
+    Column("tenant", String, nullable=False),
+    Column("key_id", String, nullable=False),
+    Column("model", String, nullable=False),
+    Column("endpoint", String, nullable=False),
+    Column("finish_reason", String),
+    Column("sealed", LargeBinary, nullable=False),
+)
+
+archive_exports = Table(
+    "archive_exports",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at_ms", BigInteger, nullable=False),
+    Column("exported_by", String, nullable=False),
+    Column("tenant", String),
+    Column("since_ms", BigInteger, nullable=False),
+    Column("until_ms", BigInteger, nullable=False),
+    Column("request_id", String),
+    Column("records", Integer, nullable=False),
 )

@@ -229,8 +229,16 @@ def main_word_list(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def archive_key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The main server archives every request under this master key (tests/app/test_archive.py)."""
+    path = tmp_path_factory.mktemp("archive") / "archive.keys"
+    path.write_text(run_cli("archive", "keygen").stdout, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
 def _main_servers(
-    tmp_path_factory: pytest.TempPathFactory, _main_redis: RedisServer, main_word_list: Path
+    tmp_path_factory: pytest.TempPathFactory, _main_redis: RedisServer, main_word_list: Path, archive_key_file: Path
 ) -> Iterator[SharedServer]:
     # Quotas counted in a real Redis, as on a site with several nodes; the small server counts alone.
     shared = SharedServer(
@@ -241,6 +249,9 @@ def _main_servers(
         # Answers reach clients with their personal data replaced (tests/app/test_pii.py).
         "--pii-mode-answer",
         "redact",
+        "--archive-enabled",
+        "--archive-key-file",
+        str(archive_key_file),
         "--redis-url",
         f"redis://127.0.0.1:{_main_redis.port}/0",
         "--max-batch-size",

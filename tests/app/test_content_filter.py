@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from app.safety.words import fold
-from tests.app.conftest import MAIN_WORD_LIST, MODEL, Server
+from tests.app.conftest import MAIN_WORD_LIST, MODEL, Server, usage_rows
 
 QUESTION = [{"role": "user", "content": "Describe the city of Paris in three sentences."}]
 
@@ -100,6 +100,13 @@ def test_a_prompt_holding_a_term_is_refused_naming_the_category_not_the_term(ser
     assert "demo" in error["message"] and "zqxjvk" not in error["message"].lower()
     after = server.metric("private_llm_content_filter_blocks_total", direction="prompt", category="demo")
     assert after == before + 1
+    # The refusal is in the usage ledger, as the quota's are: status 400, finish reason content_filter.
+    request_id = response.headers["X-Request-ID"]
+    deadline = time.monotonic() + 15
+    while not (rows := [row for row in usage_rows(server.keys_db) if row["request_id"] == request_id]):
+        assert time.monotonic() < deadline, "no ledger row for the refused request"
+        time.sleep(0.5)
+    assert (rows[0]["status"], rows[0]["finish_reason"], rows[0]["completion_tokens"]) == (400, "content_filter", 0)
 
     completion = httpx.post(
         f"{server.url}/v1/completions",

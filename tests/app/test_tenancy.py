@@ -172,3 +172,23 @@ def test_the_ledger_holds_a_row_per_request_with_the_usage_clients_were_sent(ser
     assert totals[0]["prompt_tokens"] == sum(usage.prompt_tokens for usage in sent if usage)
     assert totals[0]["completion_tokens"] == sum(usage.completion_tokens for usage in sent if usage)
     assert run_cli("usage", "verify", "--keys-db", str(server.keys_db)).returncode == 0
+
+
+def test_the_key_id_and_tenant_are_logged_and_named_for_the_gateways_log(server: Server) -> None:
+    key = _key(server, "log-named", "--tenant", "财务 team")
+    response = _complete(server, key)
+    assert response.status_code == 200
+    key_id = key.removeprefix("sk-pli-").split("_", 1)[0]
+    # Percent-encoded: a header holds ASCII only. nginx logs these and keeps them from the client.
+    assert response.headers["x-pli-key-id"] == key_id
+    assert response.headers["x-pli-tenant"] == "%E8%B4%A2%E5%8A%A1%20team"
+    request_id = response.headers["X-Request-ID"]
+    deadline = time.monotonic() + 10
+    while not (lines := [line for line in server.log.read_text().splitlines() if request_id in line]):
+        assert time.monotonic() < deadline, "no access log line for the request"
+        time.sleep(0.2)
+    logged = json.loads(lines[-1])
+    assert (logged["message"], logged["key_id"], logged["tenant"]) == ("request", key_id, "财务 team")
+    assert key not in server.log.read_text()
+    refused = httpx.get(f"{server.url}/v1/models", headers={"Authorization": "Bearer sk-pli-unknown_x"})
+    assert refused.status_code == 401 and "x-pli-key-id" not in refused.headers

@@ -1,0 +1,276 @@
+"""The encrypted conversation archive in the tenancy database: requests hand their record to a queue and go
+on; a thread seals the records with their day's data key and writes them in batches. Reading (an auditor's
+export), retention (a day's data key destroyed, then its rows) and re-wrapping under a new master key work
+on the same tables, from the app or its command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from app.archive.keys import KEY_BYTES, MasterKeys, open_sealed, seal
+from app.store import Database
+from app.store.schema import archive_data_keys, archive_exports, archive_records
+
+log = logging.getLogger("app.archive")
+
+BATCH_RECORDS = 200
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """What one request said and was answered, and whose it was."""
+
+    request_id: str
+    at_ms: int
+    node: str
+    tenant: str
+    key_id: str
+    model: str
+    endpoint: str
+    finish_reason: str | None
+    messages: tuple[tuple[str, str], ...]
+    answer: str
+
+
+def day_of(at_ms: int) -> str:
+    return datetime.fromtimestamp(at_ms / 1000, UTC).date().isoformat()
+
+
+def _context(record: dict[str, Any]) -> bytes:
+    # The columns a reader relies on are authenticated with the text: a row moved to another tenant or
+    # request does not open.
+    return "|".join(str(record[name]) for name in ("request_id", "tenant", "key_id", "at_ms", "day")).encode()
+
+
+class DataKeys:
+    """Each day's data key: made, wrapped and stored the first time a day is written, unwrapped once."""
+
+    def __init__(self, database: Database, master: MasterKeys) -> None:
+        self._db = database
+        self._master = master
+        self._known: dict[str, bytes] = {}
+
+    def for_writing(self, day: str) -> bytes:
+        if day in self._known:
+            return self._known[day]
+        key = self._read(day)
+        if key is None:
+            kid, wrapped = self._master.wrap(os.urandom(KEY_BYTES), day)
+            try:
+                with self._db.engine.begin() as db:
+                    db.execute(
+                        insert(archive_data_keys).values(
+                            day=day, master_kid=kid, wrapped_key=wrapped, created_at_ms=int(time.time() * 1000)
+                        )
+                    )
+            except IntegrityError:
+                pass  # another node made the day's key first: use that one
+            key = self._read(day)
+            assert key is not None
+        self._known[day] = key
+        return key
+
+    def forget_before(self, retention_days: int) -> None:
+        cutoff = (datetime.now(UTC).date() - timedelta(days=retention_days)).isoformat()
+        for day in [day for day in self._known if day < cutoff]:
+            del self._known[day]
+
+    def for_reading(self, day: str) -> bytes | None:
+        """The day's data key, or None once retention destroyed it."""
+        if day not in self._known:
+            key = self._read(day)
+            if key is None:
+                return None
+            self._known[day] = key
+        return self._known[day]
+
+    def _read(self, day: str) -> bytes | None:
+        with self._db.connect() as db:
+            row = db.execute(select(archive_data_keys).where(archive_data_keys.c.day == day)).mappings().first()
+        if row is None:
+            return None
+        return self._master.unwrap(row["master_kid"], row["wrapped_key"], day)
+
+
+_STOP = object()
+
+
+# How often a running app applies retention (and once as it starts): a day's data key goes within the
+# hour after the day passes retention.
+PURGE_INTERVAL_S = 3600.0
+
+
+class Archive:
+    def __init__(
+        self, database: Database, master: MasterKeys, retention_days: int, flush_interval_s: float = 1.0
+    ) -> None:
+        self._db = database
+        self._keys = DataKeys(database, master)
+        self._retention_days = retention_days
+        self._purged_at = 0.0
+        self._interval = flush_interval_s
+        self._queue: queue.SimpleQueue[Conversation | object] = queue.SimpleQueue()
+        self._pending: list[Conversation] = []
+        self._thread = threading.Thread(target=self._run, name="archive", daemon=True)
+        self._thread.start()
+
+    def record(self, conversation: Conversation) -> None:
+        """Called on the request path: never waits for the database or the cipher."""
+        self._queue.put(conversation)
+
+    def pending(self) -> int:
+        return self._queue.qsize() + len(self._pending)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        self._queue.put(_STOP)
+        self._thread.join(timeout_s)
+        if self._pending:
+            log.error("archive records not written at exit", extra={"fields": {"records": len(self._pending)}})
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            try:
+                item = self._queue.get(timeout=self._interval)
+                while True:
+                    if item is _STOP:
+                        stopping = True
+                    elif isinstance(item, Conversation):
+                        self._pending.append(item)
+                    if len(self._pending) >= BATCH_RECORDS:
+                        break
+                    item = self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self._flush()
+            if time.monotonic() - self._purged_at >= PURGE_INTERVAL_S or not self._purged_at:
+                self._purge()
+
+    def _purge(self) -> None:
+        self._purged_at = time.monotonic()
+        try:
+            days, records = purge(self._db, self._retention_days)
+        except Exception:
+            log.exception("archive retention failed; it is tried again in an hour")
+            return
+        self._keys.forget_before(self._retention_days)
+        if days or records:
+            fields = {"days_destroyed": days, "records_deleted": records}
+            log.info("archive retention applied", extra={"fields": fields})
+
+    def _flush(self) -> None:
+        while self._pending:
+            batch = self._pending[:BATCH_RECORDS]
+            try:
+                rows = [self._sealed(conversation) for conversation in batch]
+                with self._db.engine.begin() as db:
+                    db.execute(insert(archive_records), rows)
+            except Exception:
+                # Kept for the next flush, never dropped (the journal says why, without any text).
+                log.exception("archive write failed", extra={"fields": {"records": len(self._pending)}})
+                return
+            del self._pending[: len(batch)]
+
+    def _sealed(self, conversation: Conversation) -> dict[str, Any]:
+        fields = asdict(conversation)
+        text = json.dumps({"messages": fields.pop("messages"), "answer": fields.pop("answer")}, ensure_ascii=False)
+        row = {**fields, "day": day_of(conversation.at_ms)}
+        row["sealed"] = seal(self._keys.for_writing(row["day"]), text.encode(), _context(row))
+        return row
+
+
+def read(
+    database: Database,
+    master: MasterKeys,
+    since: datetime,
+    until: datetime,
+    tenant: str | None = None,
+    request_id: str | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The records in [since, until), decrypted, oldest first; days whose key retention destroyed are gone."""
+    keys = DataKeys(database, master)
+    query = (
+        select(archive_records)
+        .where(archive_records.c.at_ms >= int(since.timestamp() * 1000))
+        .where(archive_records.c.at_ms < int(until.timestamp() * 1000))
+        .order_by(archive_records.c.at_ms, archive_records.c.id)
+    )
+    if tenant is not None:
+        query = query.where(archive_records.c.tenant == tenant)
+    if request_id is not None:
+        query = query.where(archive_records.c.request_id == request_id)
+    with database.connect() as db:
+        rows = list(db.execute(query).mappings())
+    for row in rows:
+        key = keys.for_reading(row["day"])
+        if key is None:
+            continue
+        record = {name: value for name, value in row.items() if name not in ("id", "sealed")}
+        record.update(json.loads(open_sealed(key, row["sealed"], _context(record))))
+        yield record
+
+
+def record_export(
+    database: Database,
+    by: str,
+    tenant: str | None,
+    since: datetime,
+    until: datetime,
+    request_id: str | None,
+    count: int,
+) -> None:
+    """Every export is itself on record: who, when, what, how many."""
+    with database.engine.begin() as db:
+        db.execute(
+            insert(archive_exports).values(
+                at_ms=int(time.time() * 1000),
+                exported_by=by,
+                tenant=tenant,
+                since_ms=int(since.timestamp() * 1000),
+                until_ms=int(until.timestamp() * 1000),
+                request_id=request_id,
+                records=count,
+            )
+        )
+
+
+def purge(database: Database, retention_days: int, today: date | None = None) -> tuple[int, int]:
+    """Destroy the data keys of the days past retention, then delete their records: (days, records)."""
+    cutoff = ((today or datetime.now(UTC).date()) - timedelta(days=retention_days)).isoformat()
+    with database.engine.begin() as db:
+        days = db.execute(delete(archive_data_keys).where(archive_data_keys.c.day < cutoff)).rowcount
+        records = db.execute(delete(archive_records).where(archive_records.c.day < cutoff)).rowcount
+    return days, records
+
+
+def rewrap(database: Database, master: MasterKeys) -> tuple[int, int]:
+    """Wrap every data key with the primary master key (a rotation): (re-wrapped, already under it)."""
+    with database.connect() as db:
+        rows = list(db.execute(select(archive_data_keys)).mappings())
+    moved = 0
+    for row in rows:
+        if row["master_kid"] == master.primary_id:
+            continue
+        data_key = master.unwrap(row["master_kid"], row["wrapped_key"], row["day"])
+        kid, wrapped = master.wrap(data_key, row["day"])
+        with database.engine.begin() as db:
+            db.execute(
+                update(archive_data_keys)
+                .where(archive_data_keys.c.day == row["day"])
+                .where(archive_data_keys.c.master_kid == row["master_kid"])
+                .values(master_kid=kid, wrapped_key=wrapped)
+            )
+        moved += 1
+    return moved, len(rows) - moved
