@@ -132,6 +132,17 @@ class Metrics:
             ["direction", "kind", "action"],
             registry=r,
         )
+        self.archive_primary_key = Gauge(
+            f"{PREFIX}_archive_primary_key",
+            "1 for the id of the archive's primary master key, once every data key is wrapped by it.",
+            ["kid"],
+            registry=r,
+        )
+        self.archive_pending = Gauge(
+            f"{PREFIX}_archive_pending_records",
+            "Archive records recorded by requests and not yet written to the database.",
+            registry=r,
+        )
         self.state = Gauge(
             f"{PREFIX}_state",
             "1 for the state the server is in (what /ready reports), 0 for the others.",

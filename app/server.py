@@ -19,7 +19,7 @@ from sqlalchemy.exc import OperationalError
 
 from app.api.app import create_app
 from app.api.services import Services
-from app.archive import Archive, MasterKeys
+from app.archive import Archive, ArchiveKeyError, MasterKeys
 from app.auth import Authenticator, KeyStore, TokenService
 from app.engine import Engine
 from app.engine.loader import load_model
@@ -175,6 +175,22 @@ def _quota(settings: Settings, metrics: Metrics) -> Quota:
     return SharedQuota(client, LocalQuota(), metrics)
 
 
+def _reload(services: Services) -> None:
+    """SIGHUP (systemctl reload): the word lists and the archive's master keys are read again; what does not
+    read leaves what was in force, and says so."""
+    log = logging.getLogger("app")
+    if services.content_filter is not None:
+        services.content_filter.reload()
+    if services.archive is not None and services.settings.archive_key_file is not None:
+        try:
+            master = MasterKeys.from_file(services.settings.archive_key_file)
+        except ArchiveKeyError as exc:
+            log.error("archive keys not reloaded, the previous ones stay in force: %s", exc)
+        else:
+            services.archive.use_keys(master)
+            log.info("archive keys reloaded", extra={"fields": {"primary": master.primary_id}})
+
+
 def _content_filter(settings: Settings, metrics: Metrics) -> ContentFilter | None:
     if not settings.sensitive_word_files:
         return None
@@ -219,6 +235,7 @@ def serve(settings: Settings) -> int:
             MasterKeys.from_file(settings.archive_key_file),
             settings.archive_retention_days,
             settings.ledger_flush_interval_s,
+            metrics,
         )
     services = Services(
         settings=settings,
@@ -239,11 +256,9 @@ def serve(settings: Settings) -> int:
         timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
     )
     server = DrainingServer(config, services)
-    if content_filter is not None:
-        # Rebuilt off the signal handler: compiling large lists takes a moment, and requests go on meanwhile.
-        signal.signal(
-            signal.SIGHUP,
-            lambda *_: threading.Thread(target=content_filter.reload, name="reload-words", daemon=True).start(),
-        )
+    # Done off the signal handler: compiling large lists takes a moment, and requests go on meanwhile.
+    signal.signal(
+        signal.SIGHUP, lambda *_: threading.Thread(target=_reload, args=(services,), name="reload", daemon=True).start()
+    )
     server.run()
     return server.supervisor.exit_code

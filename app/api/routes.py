@@ -100,6 +100,8 @@ async def metrics(services: ServicesDep) -> Response:
     services.metrics.record_state(services.state())
     if services.ledger is not None:
         services.metrics.ledger_pending.set(services.ledger.pending())
+    if services.archive is not None:
+        services.metrics.archive_pending.set(services.archive.pending())
     return PlainTextResponse(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -30,8 +30,9 @@ def generate_master_key() -> str:
 
 
 def key_id(key: bytes) -> str:
-    """A master key's name in the database: the start of its SHA-256, which says nothing of the key."""
-    return hashlib.sha256(b"pli-archive-master-key:" + key).hexdigest()[:16]
+    """A master key's name in the database and the metrics: the start of a SHA-256 of its text as keygen
+    prints it (the deployment computes the same from the vault's text), which says nothing of the key."""
+    return hashlib.sha256(b"pli-archive-master-key:" + base64.urlsafe_b64encode(key)).hexdigest()[:16]
 
 
 def seal(key: bytes, plaintext: bytes, context: bytes) -> bytes:

@@ -20,6 +20,7 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.archive.keys import KEY_BYTES, MasterKeys, open_sealed, seal
+from app.metrics import Metrics
 from app.store import Database
 from app.store.schema import archive_data_keys, archive_exports, archive_records
 
@@ -59,7 +60,7 @@ class DataKeys:
 
     def __init__(self, database: Database, master: MasterKeys) -> None:
         self._db = database
-        self._master = master
+        self.master = master
         self._known: dict[str, bytes] = {}
 
     def for_writing(self, day: str) -> bytes:
@@ -67,7 +68,7 @@ class DataKeys:
             return self._known[day]
         key = self._read(day)
         if key is None:
-            kid, wrapped = self._master.wrap(os.urandom(KEY_BYTES), day)
+            kid, wrapped = self.master.wrap(os.urandom(KEY_BYTES), day)
             try:
                 with self._db.engine.begin() as db:
                     db.execute(
@@ -101,7 +102,7 @@ class DataKeys:
             row = db.execute(select(archive_data_keys).where(archive_data_keys.c.day == day)).mappings().first()
         if row is None:
             return None
-        return self._master.unwrap(row["master_kid"], row["wrapped_key"], day)
+        return self.master.unwrap(row["master_kid"], row["wrapped_key"], day)
 
 
 _STOP = object()
@@ -113,13 +114,24 @@ PURGE_INTERVAL_S = 3600.0
 
 
 class Archive:
+    """The app's archive writer. It also keeps the archive in order in the background: retention as it
+    starts and hourly, and, whenever it gets master keys (at start, on reload), every data key re-wrapped
+    under the primary, so that a rotation needs no command run by hand."""
+
     def __init__(
-        self, database: Database, master: MasterKeys, retention_days: int, flush_interval_s: float = 1.0
+        self,
+        database: Database,
+        master: MasterKeys,
+        retention_days: int,
+        flush_interval_s: float = 1.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._db = database
         self._keys = DataKeys(database, master)
+        self._metrics = metrics
         self._retention_days = retention_days
         self._purged_at = 0.0
+        self._rewrap_due = True
         self._interval = flush_interval_s
         self._queue: queue.SimpleQueue[Conversation | object] = queue.SimpleQueue()
         self._pending: list[Conversation] = []
@@ -129,6 +141,12 @@ class Archive:
     def record(self, conversation: Conversation) -> None:
         """Called on the request path: never waits for the database or the cipher."""
         self._queue.put(conversation)
+
+    def use_keys(self, master: MasterKeys) -> None:
+        """New master keys (a reload): new days are wrapped by their primary, and the background re-wraps
+        the older ones. Data keys already read stay in memory: they are the same keys."""
+        self._keys.master = master
+        self._rewrap_due = True
 
     def pending(self) -> int:
         return self._queue.qsize() + len(self._pending)
@@ -157,6 +175,25 @@ class Archive:
             self._flush()
             if time.monotonic() - self._purged_at >= PURGE_INTERVAL_S or not self._purged_at:
                 self._purge()
+            if self._rewrap_due:
+                self._rewrap()
+
+    def _rewrap(self) -> None:
+        master = self._keys.master
+        self._rewrap_due = False
+        try:
+            moved, _ = rewrap(self._db, master)
+        except Exception:
+            # Another node may be on keys this one lacks yet: tried again at the next flush.
+            self._rewrap_due = True
+            log.exception("archive data keys not re-wrapped yet")
+            return
+        if moved:
+            fields = {"data_keys": moved, "primary": master.primary_id}
+            log.info("archive data keys re-wrapped", extra={"fields": fields})
+        if self._metrics is not None and self._keys.master is master:
+            self._metrics.archive_primary_key.clear()
+            self._metrics.archive_primary_key.labels(kid=master.primary_id).set(1)
 
     def _purge(self) -> None:
         self._purged_at = time.monotonic()

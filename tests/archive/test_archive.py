@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import select, update
 
 from app.archive import Archive, ArchiveKeyError, Conversation, MasterKeys, generate_master_key, purge, read
+from app.metrics import Metrics
 from app.settings import Settings
 from app.store import open_database
 from app.store.schema import archive_data_keys, archive_exports, archive_records
@@ -131,28 +132,36 @@ def test_retention_destroys_the_data_keys_of_old_days_then_their_records(tmp_pat
 def test_a_new_master_key_rewraps_the_data_keys_and_an_export_spanning_it_decrypts(tmp_path: Path) -> None:
     db_path = tmp_path / "keys.db"
     database = open_database(db_path)
-    old, new = generate_master_key(), generate_master_key()
-    old_file = key_file(tmp_path / "old.keys", old)
-    archive = Archive(database, MasterKeys.from_file(old_file), retention_days=180, flush_interval_s=0.05)
+    old, new, newer = generate_master_key(), generate_master_key(), generate_master_key()
+    archive = Archive(database, MasterKeys.from_file(key_file(tmp_path / "old.keys", old)), 180, 0.05)
     archive.record(conversation("finance", now_ms() - DAY_MS, "before"))
     written(archive)
-    # The rotation: the new key first, the old one kept for reading until the data keys are re-wrapped.
-    both = key_file(tmp_path / "both.keys", new, old)
-    archive = Archive(database, MasterKeys.from_file(both), retention_days=180, flush_interval_s=0.05)
-    archive.record(conversation("finance", now_ms(), "after"))
-    written(archive)
-    only_new = key_file(tmp_path / "new.keys", new)
     since = (datetime.now(UTC) - timedelta(days=3)).date().isoformat()
     export = ("archive", "export", "--since", since, "--keys-db", str(db_path), "--key-file")
+    only_new = key_file(tmp_path / "new.keys", new)
     refused = app_cli(*export, str(only_new))
     assert refused.returncode == 1 and "no longer holds" in refused.stderr
 
+    # By hand: the new key first, the old one kept for reading, then `archive rewrap`.
+    both = key_file(tmp_path / "both.keys", new, old)
     rewrapped = app_cli("archive", "rewrap", "--key-file", str(both), "--keys-db", str(db_path))
     assert rewrapped.returncode == 0, rewrapped.stderr
     assert json.loads(rewrapped.stdout)["rewrapped"] == 1
     again = app_cli("archive", "rewrap", "--key-file", str(both), "--keys-db", str(db_path))
     assert json.loads(again.stdout)["rewrapped"] == 0
-    exported = app_cli(*export, str(only_new))
+    assert [json.loads(line)["request_id"] for line in app_cli(*export, str(only_new)).stdout.splitlines()] == [
+        "before"
+    ]
+
+    # As a deployment does it: the app given a new primary (at start or on reload) re-wraps by itself.
+    metrics = Metrics()
+    rotated = MasterKeys.from_file(key_file(tmp_path / "rotated.keys", newer, new))
+    archive = Archive(database, MasterKeys.from_file(both), 180, 0.05, metrics)
+    archive.use_keys(rotated)
+    archive.record(conversation("finance", now_ms(), "after"))
+    written(archive)
+    assert metrics.registry.get_sample_value("private_llm_archive_primary_key", {"kid": rotated.primary_id}) == 1
+    exported = app_cli(*export, str(key_file(tmp_path / "newer.keys", newer)))
     assert exported.returncode == 0, exported.stderr
     assert [json.loads(line)["request_id"] for line in exported.stdout.splitlines()] == ["before", "after"]
 
