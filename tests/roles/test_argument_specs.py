@@ -190,3 +190,12 @@ def test_the_tls_rotation_needs_an_address_to_check_before_it_changes_anything(t
     assert result.returncode != 0, output
     assert "certbot_rotate_check_address is empty: set pli_address" in output, output
     assert "Read the certificate nginx serves now" not in output, output
+
+
+def test_the_archive_key_rotation_says_there_is_nothing_to_rotate_before_it_changes_anything(tmp_path):
+    node = local_host("inference", pli_address="127.0.0.1", pli_ports={"app": 8000})
+    result = run_ops_playbook(tmp_path, "rotate-archive-keys.yml", node)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Nothing to rotate on localhost: the archive is off" in output, output
+    assert "Ask the app which master key" not in output, output

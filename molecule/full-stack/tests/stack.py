@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import openai
 import testinfra
@@ -58,3 +61,18 @@ def clients_asking(client: openai.OpenAI, count: int = 4, limit: int = 3000) -> 
         done.set()
         for thread in threads:
             thread.join(300)
+
+
+def run_playbook(playbook: str, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """One of the repository's playbooks against the scenario's hosts, as an operator runs it."""
+    repo = Path(__file__).resolve().parents[3]
+    env = {
+        **os.environ,
+        "ANSIBLE_CONFIG": str(Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "ansible.cfg"),
+        "ANSIBLE_ROLES_PATH": str(repo / "roles"),
+        "ANSIBLE_COLLECTIONS_PATH": str(repo / "collections"),
+        "ANSIBLE_FORCE_COLOR": "false",
+    }
+    command = [str(Path(sys.executable).parent / "ansible-playbook"), str(repo / playbook)]
+    command += ["-i", str(Path(INVENTORY).parent), *arguments]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, check=False)

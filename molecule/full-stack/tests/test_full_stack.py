@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 from cryptography import x509
-from stack import INVENTORY, NODES, PORT, ask, clients_asking, machine, metric
+from stack import INVENTORY, NODES, PORT, ask, clients_asking, machine, metric, run_playbook
 
 testinfra_hosts = ["ansible://pli-stack-gw"]
 
@@ -94,6 +91,18 @@ def test_app_port_is_closed_to_anyone_but_the_gateway(host):
     for ip in NODES.values():
         assert outsider.run(probe.format(ip=ip)).rc != 0
         assert host.run(probe.format(ip=ip)).rc == 0
+
+
+def test_the_gateway_logs_the_key_id_and_tenant_and_the_client_never_sees_them(client, host):
+    model = client.models.list().data[0].id
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": "Hi."}], max_tokens=2
+    )
+    assert not [name for name in raw.headers if name.lower().startswith("x-pli-")], dict(raw.headers)
+    request_id = raw.headers["x-request-id"]
+    lines = host.file("/var/log/nginx/access.json.log").content_string.splitlines()
+    (entry,) = [entry for line in lines if (entry := json.loads(line))["request_id"] == request_id]
+    assert (entry["key_id"], entry["tenant"], entry["status"]) == ("stacktenant", "stack-tenant", 200)
 
 
 def test_unauthenticated_requests_get_openai_errors(pebble_root):
@@ -184,21 +193,6 @@ def changed_tasks(output: str) -> list[str]:
 def run_site(*arguments: str) -> subprocess.CompletedProcess[str]:
     """site.yml against the scenario's hosts, as an operator runs it from the repository."""
     return run_playbook("site.yml", *arguments)
-
-
-def run_playbook(playbook: str, *arguments: str) -> subprocess.CompletedProcess[str]:
-    """One of the repository's playbooks against the scenario's hosts, as an operator runs it."""
-    repo = Path(__file__).resolve().parents[3]
-    env = {
-        **os.environ,
-        "ANSIBLE_CONFIG": str(Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "ansible.cfg"),
-        "ANSIBLE_ROLES_PATH": str(repo / "roles"),
-        "ANSIBLE_COLLECTIONS_PATH": str(repo / "collections"),
-        "ANSIBLE_FORCE_COLOR": "false",
-    }
-    command = [str(Path(sys.executable).parent / "ansible-playbook"), str(repo / playbook)]
-    command += ["-i", str(Path(INVENTORY).parent), *arguments]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, check=False)
 
 
 @pytest.mark.parametrize(

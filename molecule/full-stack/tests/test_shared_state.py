@@ -3,16 +3,23 @@ PostgreSQL, each verified against the internal CA; and the service going on whil
 
 from __future__ import annotations
 
+import base64
 import json
 import shlex
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
-from stack import NODES, ask, machine, metric
+from stack import NODES, ask, clients_asking, machine, metric, run_playbook
+
+from app.archive import generate_master_key
+from app.archive.keys import key_id
 
 testinfra_hosts = ["ansible://pli-stack-gw"]
 
+# The archive's master key in molecule.yml (the scenario's stand-in for the vault).
+ARCHIVE_KEY = "9LeXF83X6dnUzPMMn4UJuSOVPgipfJte6FPtJj01rvo="
 QUOTA_KEY = "sk-pli-stackquota_0123456789abcdefghijklmnopqrstuvw"  # rpm 6 (molecule.yml)
 QUOTA_RPM = 6
 DATABASE_URL = (
@@ -129,3 +136,55 @@ def test_with_redis_stopped_the_nodes_go_on_alone_and_share_again_when_it_return
 
     # A node tries Redis again 5 s after a failure (RETRY_AFTER_FAILURE_S), on its next request.
     wait_for(shared_again, "both nodes counting in Redis again", timeout_s=120)
+
+
+def both_or_none(records: list[dict]) -> list[dict] | None:
+    return records if len(records) == 2 else None
+
+
+def archived(request_ids: set[str], key_file: str) -> list[dict]:
+    """The archive's records of these requests, exported on a node with the keys in `key_file`."""
+    exported = machine("pli-stack-node1").check_output(
+        app_cli("archive", "export", "--since", "2026-01-01", "--key-file", key_file, "--by", "stack-test")
+    )
+    return [record for line in exported.splitlines() if (record := json.loads(line))["request_id"] in request_ids]
+
+
+def test_the_archive_master_key_rotates_under_load_and_an_export_spanning_it_needs_only_the_new_key(client):
+    """playbooks/rotate-archive-keys.yml with a new key first in the vault while four clients ask: every
+    request answered; both nodes then have every data key under the new primary, so an export of a record
+    from before the rotation and one from after reads with the new key alone; PostgreSQL holds no text."""
+    model = client.models.list().data[0].id
+    marker = f"stack-archive-{uuid.uuid4().hex}"
+
+    def asked(when: str) -> str:
+        raw = client.chat.completions.with_raw_response.create(
+            model=model, messages=[{"role": "user", "content": f"{marker} {when}"}], max_tokens=4
+        )
+        return raw.headers["x-request-id"]
+
+    ids = {asked("before")}
+    new_key = generate_master_key()
+    with clients_asking(client) as (answered, errors):
+        result = run_playbook(
+            "playbooks/rotate-archive-keys.yml",
+            "-e",
+            json.dumps({"inference_app_archive_keys": [new_key, ARCHIVE_KEY]}),
+        )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert errors == [], errors[:5]
+    print(f"{len(answered)} requests answered during the archive key rotation, none failed")
+    new_id = key_id(base64.urlsafe_b64decode(new_key))
+    assert result.stdout.count(f"-> {new_id}, every data key re-wrapped under it") == 4  # two steps, two nodes
+    for node in NODES:
+        assert metric(node, f'private_llm_archive_primary_key{{kid="{new_id}"}}') == 1
+    ids.add(asked("after"))
+
+    node = machine("pli-stack-node1")
+    node.check_output(f"umask 077; printf '%s\\n' {shlex.quote(new_key)} > /tmp/new-only.keys")
+    records = wait_for(lambda: both_or_none(archived(ids, "/tmp/new-only.keys")), "both records in the archive")
+    assert sorted(message[1] for record in records for message in record["messages"]) == [
+        f"{marker} after",
+        f"{marker} before",
+    ]
+    assert marker not in machine("pli-stack-gw").check_output("runuser -u postgres -- pg_dump private_llm")

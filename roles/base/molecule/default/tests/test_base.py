@@ -115,8 +115,8 @@ def test_every_sysctl_key_exists_in_the_kernel(host):
 
 def test_journald_retention(host):
     dropin = host.file("/etc/systemd/journald.conf.d/60-private-llm-infra.conf")
-    assert "SystemMaxUse=2G" in dropin.content_string
-    assert "MaxRetentionSec=1month" in dropin.content_string
+    assert "SystemMaxUse=8G" in dropin.content_string
+    assert "MaxRetentionSec=180day" in dropin.content_string
     assert host.service("systemd-journald").is_running
 
 

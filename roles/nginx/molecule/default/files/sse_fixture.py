@@ -12,6 +12,9 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
+        # As the app names the key's id and tenant, for the gateway's log alone.
+        self.send_header("X-PLI-Key-Id", "fixturekey")
+        self.send_header("X-PLI-Tenant", "fixture-tenant")
         self.end_headers()
         self.wfile.write(body)
 

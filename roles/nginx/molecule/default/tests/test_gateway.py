@@ -147,9 +147,19 @@ def test_access_log_is_json_without_secrets(client, host):
     lines = host.file("/var/log/nginx/access.json.log").content_string.strip().splitlines()
     entries = [json.loads(line) for line in lines]
     assert entries[-1]["path"] == "/v1/models"
+    # The upstream's key id and tenant are logged, and kept from the client.
+    assert (entries[-1]["key_id"], entries[-1]["tenant"]) == ("fixturekey", "fixture-tenant")
     text = "\n".join(lines)
     assert "sk-pli-never-logged" not in text
     assert "query-never-logged" not in text
+    headers = client.check_output(f"curl -s -o /dev/null -D - --cacert /tmp/pebble-root.pem https://{NAME}/v1/models")
+    assert "x-pli-" not in headers.lower()
+
+
+def test_logs_are_kept_180_days_by_a_rotation_logrotate_accepts(host):
+    config = host.file("/etc/logrotate.d/nginx").content_string
+    assert "/var/log/nginx/*.log" in config and "rotate 180" in config and "daily" in config
+    host.check_output("logrotate --debug /etc/logrotate.d/nginx")
 
 
 def test_metrics_are_not_public(client):
