@@ -27,7 +27,7 @@ def test_a_request_is_archived_sealed_and_exported_by_its_request_id(server: Ser
     )
     assert response.status_code == 200
     request_id = response.headers["X-Request-ID"]
-    answer = response.json()["choices"][0]["message"]["content"]
+    choice = response.json()["choices"][0]
 
     export = ("archive", "export", "--since", "2026-01-01", "--request-id", request_id, "--by", "tests")
     deadline = time.monotonic() + 15
@@ -40,7 +40,7 @@ def test_a_request_is_archived_sealed_and_exported_by_its_request_id(server: Ser
         time.sleep(0.5)
     (record,) = [json.loads(line) for line in exported.stdout.splitlines()]
     assert record["messages"] == [["user", f"{marker}: my phone is [PHONE]. Say hello."]]
-    assert record["answer"] == answer and record["finish_reason"] == "length"
+    assert (record["answer"], record["finish_reason"]) == (choice["message"]["content"], choice["finish_reason"])
     assert (record["endpoint"], record["model"], record["tenant"]) == ("/v1/chat/completions", MODEL, "tests")
     raw = server.keys_db.read_bytes()
     assert marker.encode() not in raw and PHONE.encode() not in raw

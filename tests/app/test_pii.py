@@ -60,8 +60,9 @@ def test_the_model_is_given_the_redacted_prompt(server: Server, small_server: Se
     redacted = post(small_server, "/v1/completions", {"prompt": prompt, "max_tokens": 8})
     by_hand = post(server, "/v1/completions", {"prompt": redacted_by_hand, "max_tokens": 8})
     assert redacted["usage"]["prompt_tokens"] == by_hand["usage"]["prompt_tokens"]  # type: ignore[index]
-    assert redacted["choices"][0]["text"] == by_hand["choices"][0]["text"]  # type: ignore[index]
-    assert PHONE not in redacted["choices"][0]["text"]  # type: ignore[index]
+    # The model goes on with the pattern it was shown: the placeholder, not the number.
+    answer = redacted["choices"][0]["text"]  # type: ignore[index]
+    assert "[PHONE]" in answer and PHONE not in answer, answer
 
 
 def test_no_log_line_holds_a_prompts_text_or_its_personal_data(small_server: Server, server: Server) -> None:
