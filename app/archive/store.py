@@ -1,5 +1,5 @@
-"""The encrypted conversation archive in the tenancy database: requests hand their record to a queue and go
-on; a thread seals the records with their day's data key and writes them in batches. Reading (an auditor's
+"""The encrypted conversation archive in the tenancy database: records are queued by requests and written
+in batches by a thread (app/store/queued.py), each sealed with its day's data key. Reading (an auditor's
 export), retention (a day's data key destroyed, then its rows) and re-wrapping under a new master key work
 on the same tables, from the app or its command line."""
 
@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -22,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from app.archive.keys import KEY_BYTES, MasterKeys, open_sealed, seal
 from app.metrics import Metrics
 from app.store import Database
+from app.store.queued import QueuedWriter
 from app.store.schema import archive_data_keys, archive_exports, archive_records
 
 log = logging.getLogger("app.archive")
@@ -105,18 +104,18 @@ class DataKeys:
         return self.master.unwrap(row["master_kid"], row["wrapped_key"], day)
 
 
-_STOP = object()
-
-
 # How often a running app applies retention (and once as it starts): a day's data key goes within the
 # hour after the day passes retention.
 PURGE_INTERVAL_S = 3600.0
 
 
-class Archive:
-    """The app's archive writer. It also keeps the archive in order in the background: retention as it
-    starts and hourly, and, whenever it gets master keys (at start, on reload), every data key re-wrapped
-    under the primary, so that a rotation needs no command run by hand."""
+class Archive(QueuedWriter[Conversation]):
+    """The app's archive writer (app/store/queued.py). Its thread also keeps the archive in order: retention
+    as it starts and hourly, and, whenever it gets master keys (at start, on reload), every data key
+    re-wrapped under the primary, so that a rotation needs no command run by hand."""
+
+    batch_size = BATCH_RECORDS
+    what = "archive"
 
     def __init__(
         self,
@@ -126,21 +125,14 @@ class Archive:
         flush_interval_s: float = 1.0,
         metrics: Metrics | None = None,
     ) -> None:
+        super().__init__("archive", flush_interval_s, log)
         self._db = database
         self._keys = DataKeys(database, master)
         self._metrics = metrics
         self._retention_days = retention_days
         self._purged_at = 0.0
         self._rewrap_due = True
-        self._interval = flush_interval_s
-        self._queue: queue.SimpleQueue[Conversation | object] = queue.SimpleQueue()
-        self._pending: list[Conversation] = []
-        self._thread = threading.Thread(target=self._run, name="archive", daemon=True)
-        self._thread.start()
-
-    def record(self, conversation: Conversation) -> None:
-        """Called on the request path: never waits for the database or the cipher."""
-        self._queue.put(conversation)
+        self.start()
 
     def use_keys(self, master: MasterKeys) -> None:
         """New master keys (a reload): new days are wrapped by their primary, and the background re-wraps
@@ -148,35 +140,16 @@ class Archive:
         self._keys.master = master
         self._rewrap_due = True
 
-    def pending(self) -> int:
-        return self._queue.qsize() + len(self._pending)
+    def write(self, batch: list[Conversation]) -> None:
+        rows = [self._sealed(conversation) for conversation in batch]
+        with self._db.engine.begin() as db:
+            db.execute(insert(archive_records), rows)
 
-    def close(self, timeout_s: float = 30.0) -> None:
-        self._queue.put(_STOP)
-        self._thread.join(timeout_s)
-        if self._pending:
-            log.error("archive records not written at exit", extra={"fields": {"records": len(self._pending)}})
-
-    def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            try:
-                item = self._queue.get(timeout=self._interval)
-                while True:
-                    if item is _STOP:
-                        stopping = True
-                    elif isinstance(item, Conversation):
-                        self._pending.append(item)
-                    if len(self._pending) >= BATCH_RECORDS:
-                        break
-                    item = self._queue.get_nowait()
-            except queue.Empty:
-                pass
-            self._flush()
-            if time.monotonic() - self._purged_at >= PURGE_INTERVAL_S or not self._purged_at:
-                self._purge()
-            if self._rewrap_due:
-                self._rewrap()
+    def after_flush(self) -> None:
+        if time.monotonic() - self._purged_at >= PURGE_INTERVAL_S or not self._purged_at:
+            self._purge()
+        if self._rewrap_due:
+            self._rewrap()
 
     def _rewrap(self) -> None:
         master = self._keys.master
@@ -184,7 +157,7 @@ class Archive:
         try:
             moved, _ = rewrap(self._db, master)
         except Exception:
-            # Another node may be on keys this one lacks yet: tried again at the next flush.
+            # Another node may be on keys this one lacks yet: tried again after the next flush.
             self._rewrap_due = True
             log.exception("archive data keys not re-wrapped yet")
             return
@@ -206,19 +179,6 @@ class Archive:
         if days or records:
             fields = {"days_destroyed": days, "records_deleted": records}
             log.info("archive retention applied", extra={"fields": fields})
-
-    def _flush(self) -> None:
-        while self._pending:
-            batch = self._pending[:BATCH_RECORDS]
-            try:
-                rows = [self._sealed(conversation) for conversation in batch]
-                with self._db.engine.begin() as db:
-                    db.execute(insert(archive_records), rows)
-            except Exception:
-                # Kept for the next flush, never dropped (the journal says why, without any text).
-                log.exception("archive write failed", extra={"fields": {"records": len(self._pending)}})
-                return
-            del self._pending[: len(batch)]
 
     def _sealed(self, conversation: Conversation) -> dict[str, Any]:
         fields = asdict(conversation)
