@@ -30,20 +30,21 @@ class ContentFilter:
         self._publish()
 
     def reload(self) -> bool:
+        # The journal first, then the count: whoever waits for the count finds the line written.
         with self._reloading:
             try:
                 words = WordFilter.from_files(self._blocked_files, self._allowed_files)
             except WordListError as exc:
-                self._metrics.content_filter_reloads.labels(result="failed").inc()
                 _log.error("word lists not reloaded, the previous ones stay in force: %s", exc)
+                self._metrics.content_filter_reloads.labels(result="failed").inc()
                 return False
             self.words = words
             self._publish()
-            self._metrics.content_filter_reloads.labels(result="ok").inc()
             _log.info(
                 "word lists reloaded",
                 extra={"fields": {"blocked_terms": words.blocked_terms, "allowed_terms": words.allowed_terms}},
             )
+            self._metrics.content_filter_reloads.labels(result="ok").inc()
             return True
 
     def blocked(self, direction: str, category: str) -> None:

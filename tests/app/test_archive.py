@@ -30,13 +30,13 @@ def test_a_request_is_archived_sealed_and_exported_by_its_request_id(server: Ser
     choice = response.json()["choices"][0]
 
     export = ("archive", "export", "--since", "2026-01-01", "--request-id", request_id, "--by", "tests")
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60
     while True:
         exported = run_cli(*export, "--key-file", str(archive_key_file), "--keys-db", str(server.keys_db))
         assert exported.returncode == 0, exported.stderr
         if exported.stdout.strip():
             break
-        assert time.monotonic() < deadline, "the request did not reach the archive within 15 s"
+        assert time.monotonic() < deadline, "the request did not reach the archive within 60 s"
         time.sleep(0.5)
     (record,) = [json.loads(line) for line in exported.stdout.splitlines()]
     assert record["messages"] == [["user", f"{marker}: my phone is [PHONE]. Say hello."]]
