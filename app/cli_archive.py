@@ -70,7 +70,9 @@ def run_archive_command(args: argparse.Namespace) -> int:
         until = args.until or datetime.now(UTC)
         count = 0
         for record in read(database, master, args.since, until, args.tenant, args.request_id):
-            print(json.dumps(record, ensure_ascii=False))
+            # A lone surrogate a client sent cannot be printed as UTF-8: it goes out as its JSON escape.
+            line = json.dumps(record, ensure_ascii=False)
+            print(line.encode("utf-8", "backslashreplace").decode())
             count += 1
     except ArchiveKeyError as exc:
         print(f"error: {exc}", file=sys.stderr)

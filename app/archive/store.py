@@ -184,7 +184,8 @@ class Archive(QueuedWriter[Conversation]):
         fields = asdict(conversation)
         text = json.dumps({"messages": fields.pop("messages"), "answer": fields.pop("answer")}, ensure_ascii=False)
         row = {**fields, "day": day_of(conversation.at_ms)}
-        row["sealed"] = seal(self._keys.for_writing(row["day"]), text.encode(), _context(row))
+        # surrogatepass: a lone surrogate a client sent must not make the batch fail at every try.
+        row["sealed"] = seal(self._keys.for_writing(row["day"]), text.encode("utf-8", "surrogatepass"), _context(row))
         return row
 
 
@@ -215,7 +216,7 @@ def read(
         if key is None:
             continue
         record = {name: value for name, value in row.items() if name not in ("id", "sealed")}
-        record.update(json.loads(open_sealed(key, row["sealed"], _context(record))))
+        record.update(json.loads(open_sealed(key, row["sealed"], _context(record)).decode("utf-8", "surrogatepass")))
         yield record
 
 

@@ -29,8 +29,8 @@ class Prepared:
     params: SamplingParams
     stream: bool
     include_usage: bool
-    # The prompt's texts as the client sent them (each message's content, or the prompt), for the content
-    # filter, and the parameter that holds them.
+    # The prompt's texts as the model is given them (each message's content, or the prompt; personal data
+    # redacted when pii_mode_prompt says so), for the content filter and the archive, and their parameter.
     texts: tuple[str, ...] = ()
     prompt_param: str = "messages"
     # Each text's role (user, system, ...; "prompt" for a completion), for the conversation archive.
