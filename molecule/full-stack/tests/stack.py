@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,20 +38,29 @@ def metric(node: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
+# The gateway allows 10 requests a second from one address (nginx_limit_req_per_ip_rate), and all the test
+# clients share one. Each ask() is two requests, so four clients starting one ask a second stay at 8 a
+# second however fast the nodes answer: a 429 from the gateway is then a failure, never the load's own doing.
+ASK_INTERVAL_S = 1.0
+
+
 @contextmanager
 def clients_asking(client: openai.OpenAI, count: int = 4, limit: int = 3000) -> Iterator[tuple[list[str], list[str]]]:
     """`count` clients asking through the gateway for as long as the block runs (at most `limit` requests in
-    all): the answers, and every failure whatever its type, as they come."""
+    all, each client at most one question a second): the answers, and every failure whatever its type, as
+    they come."""
     answered: list[str] = []
     errors: list[str] = []
     done = threading.Event()
 
     def keep_asking() -> None:
         while not done.is_set() and len(answered) + len(errors) < limit:
+            started = time.monotonic()
             try:
                 answered.append(ask(client, "Say the number seven.", max_tokens=4))
             except Exception as exc:  # every failure counts, whatever its type
                 errors.append(repr(exc))
+            done.wait(max(0.0, started + ASK_INTERVAL_S - time.monotonic()))
 
     threads = [threading.Thread(target=keep_asking) for _ in range(count)]
     for thread in threads:
