@@ -228,7 +228,7 @@ def serve(settings: Settings) -> int:
         logging.getLogger("app").error("refusing to start: %s", exc)
         return 2
     archive = None
-    if settings.archive_enabled or settings.archive_tenants:
+    if settings.archive_on:
         assert settings.archive_key_file is not None  # the settings check requires it
         archive = Archive(
             database,

@@ -11,6 +11,12 @@ import yaml
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+# What is done with personal data in one direction (app/serving/safety.py): off; redact_stored: the model and
+# the client see it, every log and stored record (the conversation archive) holds it redacted; redact: replaced
+# by [PHONE], [ID], [CARD], [EMAIL] before the model (prompts) or the client (answers) sees it; block: a prompt
+# is refused, an answer ends before it.
+PiiMode = Literal["off", "redact_stored", "redact", "block"]
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PLI_", extra="forbid")
@@ -99,13 +105,13 @@ class Settings(BaseSettings):
         description="allowed terms: a longer word holding a listed term, which then is not blocked there",
     )
 
-    pii_mode_prompt: Literal["off", "redact_stored", "redact", "block"] = Field(
+    pii_mode_prompt: PiiMode = Field(
         default="redact_stored",
         description="personal data (mobile numbers, resident ID numbers, bank cards, e-mail) in prompts: off; "
         "redact_stored: kept out of logs and stored records only; redact: replaced by [PHONE], [ID], [CARD], "
         "[EMAIL] before the model sees it; block: the request is refused (400 pii_detected)",
     )
-    pii_mode_answer: Literal["off", "redact_stored", "redact", "block"] = Field(
+    pii_mode_answer: PiiMode = Field(
         default="redact_stored",
         description="personal data in answers: off, redact_stored, redact (replaced before the client sees it), "
         "block (the answer ends before it, finish_reason content_filter)",
@@ -136,6 +142,11 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    @property
+    def archive_on(self) -> bool:
+        """Whether any request is archived: all of them, or those of the tenants named."""
+        return self.archive_enabled or bool(self.archive_tenants)
+
     @model_validator(mode="after")
     def _check_paths(self) -> Settings:
         if self.model_path and not Path(self.model_path).exists():
@@ -155,7 +166,7 @@ class Settings(BaseSettings):
                     read_word_file(path)
             except WordListError as exc:
                 raise ValueError(str(exc)) from exc
-        if self.archive_enabled or self.archive_tenants:
+        if self.archive_on:
             if self.archive_key_file is None:
                 raise ValueError("archive_key_file: needed when archive_enabled or archive_tenants is set")
             from app.archive import ArchiveKeyError, MasterKeys

@@ -48,6 +48,11 @@ def day_of(at_ms: int) -> str:
     return datetime.fromtimestamp(at_ms / 1000, UTC).date().isoformat()
 
 
+def _retention_cutoff(retention_days: int, today: date | None = None) -> str:
+    """The first day still kept: days before it are past retention."""
+    return ((today or datetime.now(UTC).date()) - timedelta(days=retention_days)).isoformat()
+
+
 def _context(record: dict[str, Any]) -> bytes:
     # The columns a reader relies on are authenticated with the text: a row moved to another tenant or
     # request does not open.
@@ -63,9 +68,7 @@ class DataKeys:
         self._known: dict[str, bytes] = {}
 
     def for_writing(self, day: str) -> bytes:
-        if day in self._known:
-            return self._known[day]
-        key = self._read(day)
+        key = self.for_reading(day)
         if key is None:
             kid, wrapped = self.master.wrap(os.urandom(KEY_BYTES), day)
             try:
@@ -77,13 +80,12 @@ class DataKeys:
                     )
             except IntegrityError:
                 pass  # another node made the day's key first: use that one
-            key = self._read(day)
+            key = self.for_reading(day)
             assert key is not None
-        self._known[day] = key
         return key
 
     def forget_before(self, retention_days: int) -> None:
-        cutoff = (datetime.now(UTC).date() - timedelta(days=retention_days)).isoformat()
+        cutoff = _retention_cutoff(retention_days)
         for day in [day for day in self._known if day < cutoff]:
             del self._known[day]
 
@@ -246,7 +248,7 @@ def record_export(
 
 def purge(database: Database, retention_days: int, today: date | None = None) -> tuple[int, int]:
     """Destroy the data keys of the days past retention, then delete their records: (days, records)."""
-    cutoff = ((today or datetime.now(UTC).date()) - timedelta(days=retention_days)).isoformat()
+    cutoff = _retention_cutoff(retention_days, today)
     with database.engine.begin() as db:
         days = db.execute(delete(archive_data_keys).where(archive_data_keys.c.day < cutoff)).rowcount
         records = db.execute(delete(archive_records).where(archive_records.c.day < cutoff)).rowcount

@@ -93,18 +93,17 @@ class WordFilter:
         for name, terms in blocked.items():
             for term in terms:
                 entries.setdefault(normalize(term), name)
-        allowed_lengths = [0]
         for term in allowed:
             key = normalize(term)
             if key:
                 entries[key] = None
-                allowed_lengths.append(len(key))
-        self.blocked_terms = sum(1 for category in entries.values() if category is not None)
-        self.allowed_terms = len(allowed_lengths) - 1
+        allowed_keys = [key for key, category in entries.items() if category is None]
+        self.blocked_terms = len(entries) - len(allowed_keys)
+        self.allowed_terms = len(allowed_keys)
         for key, category in entries.items():
             self._automaton.add_word(key, (category, len(key)))
         self.longest_term = max((len(key) for key in entries), default=0)
-        self.longest_allowed = max(allowed_lengths)
+        self.longest_allowed = max((len(key) for key in allowed_keys), default=0)
         if entries:
             self._automaton.make_automaton()
         self.categories = tuple(sorted(blocked))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 from app.api.errors import APIError
 from app.api.services import Services
@@ -16,12 +16,7 @@ from app.engine import GenerationChunk
 from app.metrics import Metrics
 from app.safety import AnswerGuard, ContentFilter, Match
 from app.safety.pii import PiiGuard, PiiKind, find_pii, redact
-
-# off: nothing done; redact_stored: the model sees it, every log and stored record holds it redacted (no text
-# is logged or stored today, so this is off until the conversation archive stores some); redact: replaced by
-# [PHONE], [ID], [CARD], [EMAIL] before the model sees it (prompts) or the client does (answers); block: a
-# prompt is refused, an answer ends before it.
-PiiMode = Literal["off", "redact_stored", "redact", "block"]
+from app.settings import PiiMode
 
 
 class StreamGuard(Protocol):
