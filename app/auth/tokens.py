@@ -3,12 +3,14 @@
 The keyring is a file (setting jwt_keyring_file) of signing keys, each in one of three states, so that
 the signing key can be rotated with no failed request:
 
-- staged: deployed to every node but used for nothing yet (a token naming it is refused);
+- staged: verifies tokens, signs none yet;
 - primary: signs new tokens and verifies them (exactly one);
 - retired: verifies the tokens it signed until `verify_until`, signs nothing.
 
-Rotation: stage the new key everywhere, make it primary and the old one retired (verify_until at least
-the longest token lifetime later), then remove the old one. The file is read again when it changes.
+Rotation (playbooks/rotate-jwt-keys.yml): stage the new key everywhere, make it primary and the old one
+retired (verify_until at least the longest token lifetime later), then remove the old one. A staged key
+verifies because the nodes cannot switch at the same instant: a token the first node to switch signs must
+verify on a node that has not switched yet. The file is read again when it changes.
 """
 
 from __future__ import annotations
@@ -192,7 +194,7 @@ class TokenService:
             raise TokenError("invalid_token_algorithm", f"Access tokens are signed with {ALGORITHM} only.")
         kid = header.get("kid")
         key = self.keyring().keys.get(kid) if isinstance(kid, str) else None
-        if key is None or key.state == "staged":
+        if key is None:
             raise TokenError("unknown_token_key", "The access token names a signing key this server does not use.")
         now = self._clock()
         if key.state == "retired" and key.verify_until is not None and now > key.verify_until:

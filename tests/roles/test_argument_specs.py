@@ -199,3 +199,33 @@ def test_the_archive_key_rotation_says_there_is_nothing_to_rotate_before_it_chan
     assert result.returncode != 0, output
     assert "Nothing to rotate on localhost: the archive is off" in output, output
     assert "Ask the app which master key" not in output, output
+
+
+API_KEYS = [{"name": "team-a", "key": "sk-pli-teama_0123456789abcdefghijklmnopqrstuvwxyz"}]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "Name the tenant: -e tenant=NAME [-e overlap=24h]."),
+        (["-e", "tenant=team-b"], "No key of tenant team-b in inference_app_api_keys (tenants: team-a)"),
+        (["-e", "tenant=team-a", "-e", "overlap=1w"], "overlap must be a number and s, m, h or d (24h), not 1w."),
+    ],
+    ids=["no-tenant", "unknown-tenant", "bad-overlap"],
+)
+def test_the_api_key_rotation_refuses_a_wrong_request_before_it_changes_anything(tmp_path, extra, message):
+    node = local_host("inference", pli_address="127.0.0.1", pli_ports={"app": 8000}, inference_app_api_keys=API_KEYS)
+    result = run_ops_playbook(tmp_path, "rotate-api-keys.yml", node, *extra)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert message in output, output
+    assert "Make the new key" not in output, output
+
+
+def test_the_signing_key_rotation_says_there_is_nothing_to_rotate_before_it_changes_anything(tmp_path):
+    node = local_host("inference", pli_address="127.0.0.1", pli_ports={"app": 8000}, inference_app_api_keys=API_KEYS)
+    result = run_ops_playbook(tmp_path, "rotate-jwt-keys.yml", node)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "Nothing to rotate on localhost: inference_app_jwt_keys is empty" in output, output
+    assert "Read the signing keys" not in output, output

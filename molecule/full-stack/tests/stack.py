@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import openai
 import testinfra
@@ -38,6 +40,24 @@ def metric(node: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
+def status_on(address: str, bearer: str) -> tuple[str, str]:
+    """A node's answer to GET /v1/models with this key or token, asked from the gateway: status and error code."""
+    output = machine("pli-stack-gw").check_output(
+        f"curl -s -w '\\n%{{http_code}}' http://{address}:8000/v1/models -H 'Authorization: Bearer {bearer}'"
+    )
+    body, _, status = output.rpartition("\n")
+    code = json.loads(body).get("error", {}).get("code", "") if status != "200" else ""
+    return status, code
+
+
+class Failure(NamedTuple):
+    """A request that failed: when (time.time(), after the answer came), its error code if it had one, what."""
+
+    at: float
+    code: str | None
+    error: str
+
+
 # The gateway allows 10 requests a second from one address (nginx_limit_req_per_ip_rate), and all the test
 # clients share one. Each ask() is two requests, so four clients starting one ask a second stay at 8 a
 # second however fast the nodes answer: a 429 from the gateway is then a failure, never the load's own doing.
@@ -45,12 +65,14 @@ ASK_INTERVAL_S = 1.0
 
 
 @contextmanager
-def clients_asking(client: openai.OpenAI, count: int = 4, limit: int = 3000) -> Iterator[tuple[list[str], list[str]]]:
+def clients_asking(
+    client: openai.OpenAI, count: int = 4, limit: int = 3000
+) -> Iterator[tuple[list[str], list[Failure]]]:
     """`count` clients asking through the gateway for as long as the block runs (at most `limit` requests in
     all, each client at most one question a second): the answers, and every failure whatever its type, as
     they come."""
     answered: list[str] = []
-    errors: list[str] = []
+    errors: list[Failure] = []
     done = threading.Event()
 
     def keep_asking() -> None:
@@ -59,7 +81,8 @@ def clients_asking(client: openai.OpenAI, count: int = 4, limit: int = 3000) -> 
             try:
                 answered.append(ask(client, "Say the number seven.", max_tokens=4))
             except Exception as exc:  # every failure counts, whatever its type
-                errors.append(repr(exc))
+                code = exc.code if isinstance(exc, openai.APIStatusError) else None
+                errors.append(Failure(time.time(), code, repr(exc)))
             done.wait(max(0.0, started + ASK_INTERVAL_S - time.monotonic()))
 
     threads = [threading.Thread(target=keep_asking) for _ in range(count)]

@@ -11,7 +11,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
-from stack import NODES, ask, clients_asking, machine, metric, run_playbook
+from stack import NODES, ask, clients_asking, machine, metric, run_playbook, status_on
 
 from app.archive import generate_master_key
 from app.archive.keys import key_id
@@ -92,23 +92,14 @@ def test_a_keys_limit_holds_across_both_nodes_and_every_request_is_in_the_ledger
 
 
 def test_a_key_revoked_on_one_node_is_refused_on_both():
-    gateway = machine("pli-stack-gw")
     create = app_cli("keys", "create", "--name", "stack-leaver", "--tenant", "leaver")
     key = machine("pli-stack-node1").check_output(create)
 
-    def answer_of(address: str) -> tuple[str, str]:
-        output = gateway.check_output(
-            f"curl -s -w '\\n%{{http_code}}' http://{address}:8000/v1/models -H 'Authorization: Bearer {key}'"
-        )
-        body, _, status = output.rpartition("\n")
-        code = json.loads(body).get("error", {}).get("code", "") if status != "200" else ""
-        return status, code
-
-    assert [answer_of(address)[0] for address in NODES.values()] == ["200", "200"], "made on node1, known on both"
+    assert [status_on(address, key)[0] for address in NODES.values()] == ["200", "200"], "made on node1, known on both"
     machine("pli-stack-node2").check_output(app_cli("keys", "revoke", "stack-leaver"))
     # Key look-ups are cached for 5 s (KEY_CACHE_S): the revocation reaches both nodes after that.
     wait_for(
-        lambda: all(answer_of(address) == ("401", "revoked_api_key") for address in NODES.values()),
+        lambda: all(status_on(address, key) == ("401", "revoked_api_key") for address in NODES.values()),
         "the revoked key refused by both nodes",
         timeout_s=30,
     )
