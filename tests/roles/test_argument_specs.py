@@ -229,3 +229,12 @@ def test_the_signing_key_rotation_says_there_is_nothing_to_rotate_before_it_chan
     assert result.returncode != 0, output
     assert "Nothing to rotate on localhost: inference_app_jwt_keys is empty" in output, output
     assert "Read the signing keys" not in output, output
+
+
+def test_a_rollback_with_no_earlier_release_says_so_before_it_changes_anything(tmp_path):
+    node = local_host("inference", pli_address="127.0.0.1", pli_ports={"app": 8000}, inference_app_root=str(tmp_path))
+    result = run_ops_playbook(tmp_path, "upgrade.yml", node, "-e", "rollback=true")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert f"No earlier release on localhost to go back to ({tmp_path}/previous is missing" in output, output
+    assert "Switch back to it" not in output, output
