@@ -238,3 +238,25 @@ def test_a_rollback_with_no_earlier_release_says_so_before_it_changes_anything(t
     assert result.returncode != 0, output
     assert f"No earlier release on localhost to go back to ({tmp_path}/previous is missing" in output, output
     assert "Switch back to it" not in output, output
+
+
+STATE = {"pli_address": "127.0.0.1", "pli_ports": {"postgresql": 5432}}
+
+
+@pytest.mark.parametrize(
+    ("playbook", "variables", "message"),
+    [
+        ("backup.yml", {"postgresql_databases": [{"name": "db", "owner": "app"}]}, "must list age public keys"),
+        ("backup.yml", {"postgresql_backup_age_recipients": ["age1" + "q" * 58]}, "postgresql_databases is empty"),
+        ("restore.yml", {}, "Name the backup and the age identity: -e backup=DIR -e identity=FILE."),
+    ],
+    ids=["no-recipient", "no-database", "restore-unnamed"],
+)
+def test_backup_and_restore_refuse_what_they_cannot_do_before_they_change_anything(
+    tmp_path, playbook, variables, message
+):
+    result = run_ops_playbook(tmp_path, playbook, local_host("state", **STATE, **variables))
+    output = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode != 0, output
+    assert message in output, output
+    assert "Install age" not in output, output
