@@ -33,7 +33,8 @@ def releases(node: str) -> set[str]:
 
 
 def folded(result) -> str:
-    return " ".join(result.stdout.split())
+    """Ansible's output, its YAML-folded messages made one line; task errors go to stderr."""
+    return " ".join((result.stdout + result.stderr).split())
 
 
 def test_a_canary_that_fails_is_rolled_back_and_the_rollout_stops_before_the_other_node(client):
