@@ -265,9 +265,12 @@ class TransformersEngine(HFTokenization):
     @staticmethod
     def _still_wanted(seq: _Sequence) -> bool:
         """False for a cancelled sequence, whose request is then accounted as aborted."""
-        if seq.cancelled:
+        # Read once: the event loop's thread may cancel between two reads, and a sequence dropped without
+        # its abort would never be accounted.
+        cancelled = seq.cancelled
+        if cancelled:
             seq.account.finished("abort")
-        return not seq.cancelled
+        return not cancelled
 
     def _drop_cancelled(self) -> None:
         with self._lock:

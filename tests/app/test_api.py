@@ -70,7 +70,7 @@ def test_streaming_with_usage(server: Server) -> None:
 
 
 def test_stream_wire_format_ends_with_done(server: Server) -> None:
-    body = {"model": MODEL, "messages": QUESTION, "stream": True, "max_tokens": 4}
+    body = {"model": MODEL, "messages": QUESTION, "stream": True, "max_tokens": 4, "temperature": 0}
     with httpx.stream(
         "POST",
         f"{server.url}/v1/chat/completions",
@@ -98,7 +98,7 @@ def test_max_tokens_gives_finish_reason_length(server: Server) -> None:
     assert reply.choices[0].finish_reason == "length"
     assert reply.usage is not None
     assert reply.usage.completion_tokens == 3
-    newer = server.client().chat.completions.create(model=MODEL, messages=QUESTION, max_completion_tokens=2)
+    newer = server.client().chat.completions.create(model=MODEL, messages=QUESTION, max_completion_tokens=2, temperature=0)
     assert newer.usage is not None
     assert newer.usage.completion_tokens == 2
 
@@ -343,8 +343,14 @@ def test_answers_given_together_equal_answers_given_alone(server: Server) -> Non
 
 
 def test_client_disconnect_frees_its_slot(server: Server) -> None:
-    # Counting never reaches an end-of-sequence token within 2000 tokens.
-    body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 2000, "stream": True}
+    # Greedy counting goes on to max_tokens; sampled, the model may end the count after a token or two.
+    body = {
+        "model": MODEL,
+        "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
+        "max_tokens": 2000,
+        "temperature": 0,
+        "stream": True,
+    }
     answered_before = server.metric("vllm:request_success_total", finished_reason="stop") + server.metric(
         "vllm:request_success_total", finished_reason="length"
     )
