@@ -98,7 +98,9 @@ def test_max_tokens_gives_finish_reason_length(server: Server) -> None:
     assert reply.choices[0].finish_reason == "length"
     assert reply.usage is not None
     assert reply.usage.completion_tokens == 3
-    newer = server.client().chat.completions.create(model=MODEL, messages=QUESTION, max_completion_tokens=2, temperature=0)
+    newer = server.client().chat.completions.create(
+        model=MODEL, messages=QUESTION, max_completion_tokens=2, temperature=0
+    )
     assert newer.usage is not None
     assert newer.usage.completion_tokens == 2
 

@@ -182,7 +182,13 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(small_server: Server)
     "engine's failures are injected in-process (tests/engine)",
 )
 def test_a_dead_engine_ends_the_server_so_that_systemd_restarts_it(server: Server) -> None:
-    body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 2000, "temperature": 0, "stream": True}
+    body = {
+        "model": MODEL,
+        "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
+        "max_tokens": 2000,
+        "temperature": 0,
+        "stream": True,
+    }
     lines, reader = stream_in_background(server, body)
     try:
         for child in psutil.Process(server.process.pid).children(recursive=True):
