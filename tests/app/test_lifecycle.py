@@ -140,6 +140,7 @@ def stream_in_background(server: Server, body: dict[str, object]) -> tuple[list[
     return lines, reader
 
 
+@pytest.mark.ends_server
 def test_sigterm_drains_in_flight_requests_then_exits_zero(small_server: Server) -> None:
     server = small_server  # started with --drain-timeout-s 60; ended here, the next user gets a new one
     headers = {"Authorization": f"Bearer {server.key}"}
@@ -176,6 +177,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(small_server: Server)
     ), rows
 
 
+@pytest.mark.ends_server
 @pytest.mark.skipif(
     ENGINE != "vllm",
     reason="only vLLM's engine core is a process that can die apart from the server; the transformers "
