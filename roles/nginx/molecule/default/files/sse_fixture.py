@@ -15,6 +15,10 @@ class Handler(BaseHTTPRequestHandler):
         # As the app names the key's id and tenant, for the gateway's log alone.
         self.send_header("X-PLI-Key-Id", "fixturekey")
         self.send_header("X-PLI-Tenant", "fixture-tenant")
+        if self.path == "/" or self.path.startswith("/chat/"):
+            # As the app sends its chat page: the gateway must send its own headers in their place.
+            self.send_header("Content-Security-Policy", "upstream-policy")
+            self.send_header("X-Content-Type-Options", "nosniff")
         self.end_headers()
         self.wfile.write(body)
 

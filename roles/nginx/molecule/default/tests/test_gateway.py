@@ -108,6 +108,27 @@ def test_security_headers(client):
     assert "server: nginx\r" in headers.lower()  # no version
 
 
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+@pytest.mark.parametrize(
+    ("path", "policy"),
+    [("/", PAGE_POLICY), ("/chat/chat.js", PAGE_POLICY), ("/v1/models", "default-src 'none'; frame-ancestors 'none'")],
+)
+def test_the_chat_page_gets_its_own_policy_and_the_api_keeps_its_own(client, path, policy):
+    """One policy per answer: the page's (its scripts may run) where the app serves the chat page, the API's
+    everywhere else; the upstream's own security headers never reach the client beside nginx's."""
+    headers = client.check_output(f"curl -s -D - -o /dev/null --cacert /tmp/pebble-root.pem https://{NAME}{path}")
+    lines = [line.strip().lower() for line in headers.splitlines()]
+    policies = [line for line in lines if line.startswith("content-security-policy:")]
+    assert policies == [f"content-security-policy: {policy}".lower()]
+    assert [line for line in lines if line.startswith("x-content-type-options:")] == ["x-content-type-options: nosniff"]
+    assert any(line.startswith("strict-transport-security: max-age=") for line in lines)
+
+
 def test_burst_beyond_the_limit_gets_429_json(client):
     # 60 parallel requests against 10 r/s with a burst of 20: some must be turned away.
     result = run_client(client, "burst", "60", "/v1/models")
