@@ -23,6 +23,7 @@ _ASSETS: dict[str, str] = {
     "chat.css": "text/css; charset=utf-8",
     "chat.js": "text/javascript; charset=utf-8",
     "icon.svg": "image/svg+xml",
+    "strings.js": "text/javascript; charset=utf-8",
     "vendor/marked.umd.js": "text/javascript; charset=utf-8",
     "vendor/purify.min.js": "text/javascript; charset=utf-8",
 }

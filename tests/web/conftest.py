@@ -15,11 +15,15 @@ from tests.app.conftest import Server, start_server, stop_server
 ARTIFACTS = Path(__file__).resolve().parents[2] / ".cache" / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
+# The page server's one sensitive word: a prompt holding it is refused.
+BLOCKED_TERM = "zqxjvkpage"
 
 
 @pytest.fixture(scope="session")
 def page_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    server = start_server(tmp_path_factory.mktemp("page"))
+    folder = tmp_path_factory.mktemp("page")
+    (folder / "words.txt").write_text(f"{BLOCKED_TERM}\n", encoding="utf-8")
+    server = start_server(folder, "--sensitive-word-files", str(folder / "words.txt"))
     yield server
     stop_server(server)
 
@@ -34,7 +38,12 @@ def chromium(language: str = "en-US", downloads: Path | None = None) -> webdrive
         options.add_argument(argument)
     prefs: dict[str, object] = {"intl.accept_languages": language}
     if downloads is not None:
-        prefs |= {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+        prefs |= {
+            "download.default_directory": str(downloads),
+            "download.prompt_for_download": False,
+            # A second download from the page would otherwise wait for a permission prompt.
+            "profile.default_content_setting_values.automatic_downloads": 1,
+        }
     options.add_experimental_option("prefs", prefs)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))

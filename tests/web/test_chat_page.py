@@ -4,7 +4,9 @@ server's slot, an expired token, hostile Markdown, input methods, both languages
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 
@@ -18,8 +20,8 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
 from app.web import PAGE_CSP
-from tests.app.conftest import Server
-from tests.web.conftest import ARTIFACTS, chromium
+from tests.app.conftest import Server, run_cli
+from tests.web.conftest import ARTIFACTS, BLOCKED_TERM, chromium
 
 # Generous: the browser and the model share two cores with whatever else CI runs.
 WAIT_S = 120
@@ -58,8 +60,13 @@ def ask(driver: webdriver.Chrome, question: str) -> None:
     element(driver, "prompt").send_keys(question, Keys.ENTER)
 
 
+def idle(driver: webdriver.Chrome) -> bool:
+    """No question on its way (the page sets this before its first await, so at once on Enter)."""
+    return bool(driver.execute_script("return document.body.dataset.state !== 'asking'"))
+
+
 def answered(driver: webdriver.Chrome) -> bool:
-    return element(driver, "send").is_displayed() and bool(answers(driver))
+    return idle(driver) and bool(answers(driver))
 
 
 def console_errors(driver: webdriver.Chrome) -> list[str]:
@@ -99,7 +106,7 @@ def test_stop_ends_the_answer_and_the_server_frees_its_slot(page_server: Server,
     wait(browser, lambda: len(answers(browser)) == 1 and len(answers(browser)[0]) > 10)
     assert page_server.metric("vllm:num_requests_running") == 1
     element(browser, "stop").click()
-    wait(browser, lambda: element(browser, "send").is_displayed())
+    wait(browser, lambda: idle(browser))
     assert element(browser, "notice").text == "Stopped."
     wait(browser, lambda: page_server.metric("vllm:num_requests_running") == 0)
     wait(
@@ -137,6 +144,44 @@ def test_a_wrong_key_is_refused_in_words(page_server: Server, browser) -> None:
     wait(browser, lambda: bool(element(browser, "sign-in-error").text))
     assert "API key" in element(browser, "sign-in-error").text
     assert element(browser, "api-key").is_displayed()
+
+
+def test_a_refused_prompt_and_a_rate_limit_are_said_in_words(page_server: Server, browser) -> None:
+    created = run_cli(
+        "keys",
+        "create",
+        "--name",
+        "page-limited",
+        "--tenant",
+        "page",
+        "--rpm",
+        "3",
+        "--keys-db",
+        str(page_server.keys_db),
+    )
+    assert created.returncode == 0, created.stderr
+    sign_in(browser, dataclasses.replace(page_server, key=created.stdout.strip()))
+    set_field(browser, "max-tokens", "2")
+    ask(browser, f"Tell me about {BLOCKED_TERM}.")
+    wait(browser, lambda: element(browser, "notice").text == "The content filter refused this message.")
+    assert answers(browser) == []
+    wait(browser, lambda: idle(browser))
+    for _ in range(5):
+        ask(browser, "Hi")
+        wait(browser, lambda: idle(browser))
+        if element(browser, "send").get_attribute("disabled"):
+            break
+    said = re.fullmatch(r"Too many requests\. You can send again in (\d+) s\.", element(browser, "notice").text)
+    assert said is not None, element(browser, "notice").text
+    assert element(browser, "send").get_attribute("disabled") == "true"
+    # The countdown counts: a second later it says less.
+    wait(
+        browser,
+        lambda: (
+            (m := re.search(r"(\d+) s", element(browser, "notice").text)) is None
+            or int(m.group(1)) < int(said.group(1))
+        ),
+    )
 
 
 HOSTILE = (
@@ -203,14 +248,39 @@ def test_a_chinese_browser_gets_the_chinese_page_and_can_switch(page_server: Ser
         driver.quit()
 
 
-def test_conversations_are_deleted_from_the_browser(page_server: Server, browser) -> None:
+def test_a_conversation_exports_to_markdown_and_json_and_is_deleted(
+    page_server: Server, browser, tmp_path: Path
+) -> None:
+    """Exports are downloads (the browser fixture points Chromium's at this test's tmp_path)."""
     sign_in(browser, page_server)
+    chat = {
+        "id": "kept",
+        "title": "Rivers of Europe",
+        "created": "2026-12-01T00:00:00Z",
+        "system": "Be brief.",
+        "temperature": 0,
+        "maxTokens": 16,
+        "messages": [{"role": "user", "content": "Name a river."}, {"role": "assistant", "content": "The Rhine."}],
+    }
+    browser.execute_script("localStorage.setItem('pli.chats', arguments[0])", json.dumps([chat]))
+    browser.refresh()
+    wait(browser, lambda: bool(answers(browser)))
     element(browser, "new-chat").click()
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#chat-list li")) == 2
-    browser.find_elements(By.CSS_SELECTOR, "#chat-list li")[0].find_elements(By.TAG_NAME, "button")[-1].click()
+    rows = browser.find_elements(By.CSS_SELECTOR, "#chat-list li")
+    assert [row.find_element(By.CSS_SELECTOR, ".open").text for row in rows] == ["New chat", "Rivers of Europe"]
+    markdown, as_json, delete = rows[1].find_elements(By.CSS_SELECTOR, "button.small")
+    markdown.click()
+    as_json.click()
+    wait(browser, lambda: {p.name for p in tmp_path.iterdir()} >= {"Rivers-of-Europe.md", "Rivers-of-Europe.json"})
+    assert json.loads((tmp_path / "Rivers-of-Europe.json").read_text(encoding="utf-8")) == chat
+    exported = (tmp_path / "Rivers-of-Europe.md").read_text(encoding="utf-8")
+    assert exported.startswith("# Rivers of Europe") and "**You:**\n\nName a river." in exported
+    assert "**Assistant:**\n\nThe Rhine." in exported
+    delete.click()
     browser.switch_to.alert.accept()
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#chat-list li")) == 1
-    assert len(json.loads(browser.execute_script("return localStorage.getItem('pli.chats')"))) == 1
+    assert [row.text for row in browser.find_elements(By.CSS_SELECTOR, "#chat-list li .open")] == ["New chat"]
+    kept = json.loads(browser.execute_script("return localStorage.getItem('pli.chats')"))
+    assert "kept" not in [c["id"] for c in kept]
 
 
 @pytest.mark.parametrize("path", ["/", "/chat/chat.js", "/chat/chat.css", "/chat/vendor/purify.min.js"])

@@ -4,52 +4,7 @@
 "use strict";
 
 (() => {
-  const STRINGS = {
-    en: {
-      title: "private-llm", otherLanguage: "中文", signOut: "Sign out", signInTitle: "Sign in",
-      apiKey: "API key", signIn: "Sign in",
-      keyHint: "The key is exchanged for a short-lived token at once and is not stored.",
-      conversations: "Conversations", newChat: "New chat", storedHere: "Conversations are kept in this browser only.",
-      settings: "Settings for this chat", systemPrompt: "System prompt", temperature: "Temperature",
-      maxTokens: "Max tokens", message: "Message", send: "Send", stop: "Stop", regenerate: "Regenerate",
-      placeholder: "Ask anything (Enter sends, Shift+Enter for a new line)",
-      you: "You", assistant: "Assistant", untitled: "New chat", copy: "Copy", copied: "Copied",
-      exportMarkdown: "Markdown", exportJson: "JSON", remove: "Delete",
-      confirmDelete: "Delete this conversation?",
-      needKey: "Paste an API key.",
-      keyOnlyInMemory: "This server issues no access tokens: the key is kept in this tab's memory only.",
-      expired: "Your session has ended. Sign in again.",
-      rateLimited: (s) => `Too many requests. You can send again in ${s} s.`,
-      notReady: (s) => `The server is not ready (its model is loading or it is restarting). Try again in ${s} s.`,
-      refused: "The content filter refused this message.",
-      filtered: "The content filter stopped this answer.",
-      stopped: "Stopped.",
-      network: "The server cannot be reached. Check the network and try again.",
-      failed: (m) => `The request failed: ${m}`,
-    },
-    "zh-CN": {
-      title: "private-llm", otherLanguage: "English", signOut: "退出", signInTitle: "登录",
-      apiKey: "API 密钥", signIn: "登录",
-      keyHint: "密钥会立即换成短期令牌，不会被保存。",
-      conversations: "对话", newChat: "新对话", storedHere: "对话只保存在本浏览器中。",
-      settings: "本对话的设置", systemPrompt: "系统提示词", temperature: "温度",
-      maxTokens: "最大令牌数", message: "消息", send: "发送", stop: "停止", regenerate: "重新生成",
-      placeholder: "输入问题（回车发送，Shift+回车换行）",
-      you: "你", assistant: "助手", untitled: "新对话", copy: "复制", copied: "已复制",
-      exportMarkdown: "Markdown", exportJson: "JSON", remove: "删除",
-      confirmDelete: "删除这个对话？",
-      needKey: "请粘贴 API 密钥。",
-      keyOnlyInMemory: "此服务器不签发访问令牌：密钥只保存在本标签页的内存中。",
-      expired: "会话已结束，请重新登录。",
-      rateLimited: (s) => `请求过多，${s} 秒后可以再次发送。`,
-      notReady: (s) => `服务器尚未就绪（模型正在加载或正在重启），请 ${s} 秒后再试。`,
-      refused: "内容过滤拒绝了这条消息。",
-      filtered: "内容过滤中止了这个回答。",
-      stopped: "已停止。",
-      network: "无法连接服务器，请检查网络后重试。",
-      failed: (m) => `请求失败：${m}`,
-    },
-  };
+  const STRINGS = window.PLI_STRINGS;
   const SESSION_KEY = "pli.session";
   const CHATS_KEY = "pli.chats";
   const LANGUAGE_KEY = "pli.language";
@@ -309,7 +264,7 @@
     saveChats();
     renderList();
     renderMessages();
-    await ask(chat);
+    await asking(chat);
   }
 
   async function regenerate() {
@@ -318,7 +273,18 @@
     chat.messages.pop();
     saveChats();
     renderMessages();
-    await ask(chat);
+    await asking(chat);
+  }
+
+  // The body says whether a question is on its way (set before the first await, so at once): for styles
+  // and for tests that wait for an answer to end.
+  async function asking(chat) {
+    document.body.dataset.state = "asking";
+    try {
+      await ask(chat);
+    } finally {
+      document.body.dataset.state = "idle";
+    }
   }
 
   async function ask(chat) {
