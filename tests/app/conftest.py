@@ -26,6 +26,9 @@ import pytest
 from tests.redis_server import RedisServer, start_redis
 
 MODEL = "smollm2-135m-instruct"
+# A completion that is still running when a test acts on it: greedy, the model counts on to max_tokens
+# (sampled, it may end the count after a token or two).
+COUNTING = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "temperature": 0}
 ENGINE = os.environ.get("PLI_TEST_ENGINE", "transformers")
 # First run converts the embedded GGUF model (~30 s on 2 cores); vLLM on CPU compiles for ~2 minutes.
 READY_TIMEOUT_S = 600 if ENGINE == "vllm" else 300

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.app.conftest import MODEL, Server
+from tests.app.conftest import COUNTING, MODEL, Server
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -345,14 +345,7 @@ def test_answers_given_together_equal_answers_given_alone(server: Server) -> Non
 
 
 def test_client_disconnect_frees_its_slot(server: Server) -> None:
-    # Greedy counting goes on to max_tokens; sampled, the model may end the count after a token or two.
-    body = {
-        "model": MODEL,
-        "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
-        "max_tokens": 2000,
-        "temperature": 0,
-        "stream": True,
-    }
+    body = {**COUNTING, "max_tokens": 2000, "stream": True}
     answered_before = server.metric("vllm:request_success_total", finished_reason="stop") + server.metric(
         "vllm:request_success_total", finished_reason="length"
     )

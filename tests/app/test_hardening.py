@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.app.conftest import MODEL, Server
+from tests.app.conftest import COUNTING, MODEL, Server
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -152,8 +152,7 @@ def _answered(server: Server) -> float:
 
 
 def test_non_streamed_request_is_cancelled_when_its_client_goes(server: Server) -> None:
-    # Greedy counting goes on to max_tokens; sampled, the model may end the count after a token or two.
-    body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", "max_tokens": 2000, "temperature": 0}
+    body = {**COUNTING, "max_tokens": 2000}
     answered_before = _answered(server)
     aborted_before = server.metric("vllm:request_success_total", finished_reason="abort")
     tokens_before = server.metric("vllm:generation_tokens_total")

@@ -17,7 +17,7 @@ import pytest
 from app.__main__ import build_parser, settings_from
 from app.auth.keys import KEY_CACHE_S
 from app.supervisor import EXIT_ENGINE_FAILED
-from tests.app.conftest import ENGINE, MODEL, Server, free_port, run_cli, usage_rows
+from tests.app.conftest import COUNTING, ENGINE, Server, free_port, run_cli, usage_rows
 
 
 def test_check_config_validates_a_config_file(tmp_path: Path) -> None:
@@ -144,15 +144,8 @@ def stream_in_background(server: Server, body: dict[str, object]) -> tuple[list[
 def test_sigterm_drains_in_flight_requests_then_exits_zero(small_server: Server) -> None:
     server = small_server  # started with --drain-timeout-s 60; ended here, the next user gets a new one
     headers = {"Authorization": f"Bearer {server.key}"}
-    # Greedy: sampled, the model may end the count early (finish "stop"), and the test is about a stream
-    # that is still running when the signal comes and must run to its max_tokens.
-    body = {
-        "model": MODEL,
-        "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
-        "max_tokens": 60,
-        "temperature": 0,
-        "stream": True,
-    }
+    # A stream still running when the signal comes, which must run to its max_tokens.
+    body = {**COUNTING, "max_tokens": 60, "stream": True}
     lines, reader = stream_in_background(server, body)
     server.process.send_signal(signal.SIGTERM)
     time.sleep(0.3)
@@ -184,13 +177,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(small_server: Server)
     "engine's failures are injected in-process (tests/engine)",
 )
 def test_a_dead_engine_ends_the_server_so_that_systemd_restarts_it(server: Server) -> None:
-    body = {
-        "model": MODEL,
-        "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
-        "max_tokens": 2000,
-        "temperature": 0,
-        "stream": True,
-    }
+    body = {**COUNTING, "max_tokens": 2000, "stream": True}
     lines, reader = stream_in_background(server, body)
     try:
         for child in psutil.Process(server.process.pid).children(recursive=True):

@@ -11,7 +11,7 @@ import jwt
 import openai
 import pytest
 
-from tests.app.conftest import MODEL, Server, run_cli, signing_key, usage_rows, write_keyring
+from tests.app.conftest import COUNTING, MODEL, Server, run_cli, signing_key, usage_rows, write_keyring
 
 
 def _key(server: Server, name: str, *limits: str) -> str:
@@ -118,14 +118,8 @@ def test_a_request_that_could_exceed_the_token_limit_is_refused_before_it_runs(s
 
 def test_a_stream_the_client_leaves_frees_its_concurrency_slot(server: Server) -> None:
     key = _key(server, "one-at-a-time", "--max-concurrent", "1")
-    # Greedy counting runs to max_tokens: the stream is still going when the second request comes.
-    body = {
-        "model": MODEL,
-        "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
-        "max_tokens": 400,
-        "temperature": 0,
-        "stream": True,
-    }
+    # The stream is still going when the second request comes.
+    body = {**COUNTING, "max_tokens": 400, "stream": True}
     with httpx.stream(
         "POST", f"{server.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120
     ) as stream:
