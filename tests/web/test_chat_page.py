@@ -96,6 +96,26 @@ def test_a_signed_in_person_gets_a_streamed_answer_that_survives_a_reload(page_s
     assert console_errors(browser) == []
 
 
+def test_regenerate_asks_again_in_place_and_a_lost_network_is_said_in_words(page_server: Server, browser) -> None:
+    sign_in(browser, page_server)
+    set_field(browser, "temperature", "0")
+    set_field(browser, "max-tokens", "12")
+    ask(browser, "Name a colour.")
+    wait(browser, lambda: answered(browser))
+    first = answers(browser)
+    asked = page_server.metric("vllm:request_success_total")
+    element(browser, "regenerate").click()
+    wait(browser, lambda: answered(browser) and page_server.metric("vllm:request_success_total") > asked)
+    assert answers(browser) == first, "greedy: the same answer again, in place of the first"
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".message.user")) == 1
+
+    browser.set_network_conditions(offline=True, latency=0, download_throughput=0, upload_throughput=0)
+    ask(browser, "Are you there?")
+    wait(browser, lambda: idle(browser))
+    assert element(browser, "notice").text == "The server cannot be reached. Check the network and try again."
+    assert element(browser, "send").is_displayed() and not element(browser, "send").get_attribute("disabled")
+
+
 def test_stop_ends_the_answer_and_the_server_frees_its_slot(page_server: Server, browser) -> None:
     aborted_before = page_server.metric("vllm:request_success_total", finished_reason="abort")
     sign_in(browser, page_server)
