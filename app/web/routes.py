@@ -33,6 +33,8 @@ _HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
+    # A new release's page and assets reach browsers at once.
+    "Cache-Control": "no-cache",
 }
 
 
@@ -41,12 +43,13 @@ def _read(name: str) -> bytes:
     return files("app.web").joinpath("static", name).read_bytes()
 
 
+def _file(name: str, media_type: str) -> Response:
+    return Response(_read(name), media_type=media_type, headers=_HEADERS)
+
+
 @router.get("/")
 def page() -> Response:
-    # no-cache: a new release's page (and the asset names it lists) reaches browsers at once.
-    return Response(
-        _read("index.html"), media_type="text/html; charset=utf-8", headers={**_HEADERS, "Cache-Control": "no-cache"}
-    )
+    return _file("index.html", "text/html; charset=utf-8")
 
 
 @router.get("/chat/{name:path}")
@@ -54,4 +57,4 @@ def asset(name: str) -> Response:
     media_type = _ASSETS.get(name)
     if media_type is None:
         raise APIError(404, "Unknown route.", code="not_found")
-    return Response(_read(name), media_type=media_type, headers={**_HEADERS, "Cache-Control": "no-cache"})
+    return _file(name, media_type)
