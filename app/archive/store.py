@@ -68,7 +68,9 @@ class DataKeys:
         self._known: dict[str, bytes] = {}
 
     def for_writing(self, day: str) -> bytes:
-        key = self.for_reading(day)
+        # Read from the database, not memory: after a restore from a backup (playbooks/restore.yml, while nodes
+        # serve) a day's key this node made since may be gone, and records sealed with it could never open.
+        key = self._read(day)
         if key is None:
             kid, wrapped = self.master.wrap(os.urandom(KEY_BYTES), day)
             try:
@@ -80,8 +82,9 @@ class DataKeys:
                     )
             except IntegrityError:
                 pass  # another node made the day's key first: use that one
-            key = self.for_reading(day)
+            key = self._read(day)
             assert key is not None
+        self._known[day] = key
         return key
 
     def forget_before(self, retention_days: int) -> None:
@@ -143,7 +146,9 @@ class Archive(QueuedWriter[Conversation]):
         self._rewrap_due = True
 
     def write(self, batch: list[Conversation]) -> None:
-        rows = [self._sealed(conversation) for conversation in batch]
+        days = {day_of(conversation.at_ms) for conversation in batch}
+        keys = {day: self._keys.for_writing(day) for day in days}
+        rows = [self._sealed(conversation, keys) for conversation in batch]
         with self._db.engine.begin() as db:
             db.execute(insert(archive_records), rows)
 
@@ -182,12 +187,12 @@ class Archive(QueuedWriter[Conversation]):
             fields = {"days_destroyed": days, "records_deleted": records}
             log.info("archive retention applied", extra={"fields": fields})
 
-    def _sealed(self, conversation: Conversation) -> dict[str, Any]:
+    def _sealed(self, conversation: Conversation, keys: dict[str, bytes]) -> dict[str, Any]:
         fields = asdict(conversation)
         text = json.dumps({"messages": fields.pop("messages"), "answer": fields.pop("answer")}, ensure_ascii=False)
         row = {**fields, "day": day_of(conversation.at_ms)}
         # surrogatepass: a lone surrogate a client sent must not make the batch fail at every try.
-        row["sealed"] = seal(self._keys.for_writing(row["day"]), text.encode("utf-8", "surrogatepass"), _context(row))
+        row["sealed"] = seal(keys[row["day"]], text.encode("utf-8", "surrogatepass"), _context(row))
         return row
 
 

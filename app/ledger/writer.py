@@ -43,24 +43,20 @@ class UsageLedger(QueuedWriter[UsageRecord]):
         super().__init__("usage-ledger", flush_interval_s, log)
         self._db = database
         self.node = node
-        self._head = self._read_head()
         self.start()
 
-    def _read_head(self) -> str:
-        with self._db.connect() as db:
-            query = select(usage.c.row_hash).where(usage.c.node == self.node).order_by(usage.c.id.desc()).limit(1)
-            return db.execute(query).scalar_one_or_none() or ""
-
     def write(self, batch: list[UsageRecord]) -> None:
-        head = self._head
-        rows = []
-        for record in batch:
-            fields = asdict(record)
-            digest = row_hash(head, fields)
-            rows.append({**fields, "prev_hash": head, "row_hash": digest})
-            head = digest
+        # The head is read in the transaction that appends, never kept between batches: after a restore from a
+        # backup (playbooks/restore.yml, which runs while nodes serve) the node chains onto the restored rows.
         with self._db.engine.begin() as db:
+            query = select(usage.c.row_hash).where(usage.c.node == self.node).order_by(usage.c.id.desc()).limit(1)
+            head = db.execute(query).scalar_one_or_none() or ""
+            rows = []
+            for record in batch:
+                fields = asdict(record)
+                digest = row_hash(head, fields)
+                rows.append({**fields, "prev_hash": head, "row_hash": digest})
+                head = digest
             db.execute(insert(usage), rows)
-        self._head = head
         # The head in the journal: what `usage verify` can be compared with if rows are cut off the end.
         log.info("ledger flushed", extra={"fields": {"rows": len(batch), "node": self.node, "head": head}})

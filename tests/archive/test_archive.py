@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 from app.archive import Archive, ArchiveKeyError, Conversation, MasterKeys, generate_master_key, purge, read
 from app.metrics import Metrics
 from app.settings import Settings
-from app.store import open_database
+from app.store import Database, open_database
 from app.store.schema import archive_data_keys, archive_exports, archive_records
 from tests.postgres_server import PostgresServer
 from tests.tenancy.support import app_cli
@@ -47,6 +47,11 @@ def key_file(path: Path, *keys: str) -> Path:
 def written(archive: Archive) -> None:
     archive.close()
     assert archive.pending() == 0
+
+
+def stored(database: Database) -> int:
+    with database.connect() as db:
+        return len(db.execute(select(archive_records.c.id)).all())
 
 
 def now_ms() -> int:
@@ -96,6 +101,27 @@ def test_records_are_sealed_at_rest_and_an_export_decrypts_them_and_is_recorded(
         2,
     )
     assert (exports[1]["request_id"], exports[1]["records"]) == ("req-3", 1)
+
+
+def test_records_written_after_a_restore_took_their_days_key_away_still_open(tmp_path: Path) -> None:
+    """playbooks/restore.yml runs while the nodes serve: a node whose day's data key the restore took away (the
+    key was made after the backup) makes a new one, rather than sealing records with a key nobody keeps."""
+    database = open_database(tmp_path / "keys.db")
+    master = MasterKeys.from_file(key_file(tmp_path / "archive.keys", generate_master_key()))
+    archive = Archive(database, master, retention_days=180, flush_interval_s=0.05)
+    archive.record(conversation("finance", now_ms(), "before-restore"))
+    deadline = time.monotonic() + 30
+    while not stored(database):
+        assert time.monotonic() < deadline, "the writer never wrote"
+        time.sleep(0.05)
+    with database.engine.begin() as db:  # the backup was taken before the day's first record
+        db.execute(archive_records.delete())
+        db.execute(archive_data_keys.delete())
+    archive.record(conversation("finance", now_ms(), "after-restore"))
+    written(archive)
+    since = datetime.now(UTC) - timedelta(days=1)
+    opened = list(read(database, master, since, datetime.now(UTC) + timedelta(days=1)))
+    assert [record["request_id"] for record in opened] == ["after-restore"]
 
 
 def test_a_record_moved_to_another_tenant_does_not_open(tmp_path: Path) -> None:

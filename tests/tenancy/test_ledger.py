@@ -75,6 +75,32 @@ def test_a_restarted_node_continues_its_chain(tmp_path: Path) -> None:
     assert "6 rows" in _usage(db, "verify").stdout
 
 
+def _rows(db: Path) -> int:
+    with sqlite3.connect(db) as raw:
+        return int(raw.execute("SELECT COUNT(*) FROM usage").fetchone()[0])
+
+
+def test_a_running_node_chains_onto_the_rows_a_restore_left(tmp_path: Path) -> None:
+    """playbooks/restore.yml runs while the nodes serve: a node whose newest rows the restore took away goes on
+    from the restored head, so the chain still verifies before the node restarts."""
+    db = tmp_path / "app.db"
+    ledger = UsageLedger(open_database(db), "node-1", flush_interval_s=0.05)
+    for n in range(5):
+        ledger.record(_record(n))
+    deadline = time.monotonic() + 30
+    while _rows(db) < 5:
+        assert time.monotonic() < deadline, "the writer never wrote"
+        time.sleep(0.05)
+    with sqlite3.connect(db) as raw:
+        raw.execute("DELETE FROM usage WHERE id > 3")  # the backup was taken after the third row
+    for n in range(5, 8):
+        ledger.record(_record(n))
+    ledger.close()
+    verified = _usage(db, "verify")
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stdout.startswith("node-1\t6 rows")
+
+
 def test_an_edited_row_and_a_deleted_row_are_named(tmp_path: Path) -> None:
     db = tmp_path / "app.db"
     _write(db, [_record(n) for n in range(10)])
