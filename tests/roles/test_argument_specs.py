@@ -246,11 +246,11 @@ STATE = {"pli_address": "127.0.0.1", "pli_ports": {"postgresql": 5432}}
 @pytest.mark.parametrize(
     ("playbook", "variables", "message"),
     [
-        ("backup.yml", {"postgresql_databases": [{"name": "db", "owner": "app"}]}, "must list age public keys"),
-        ("backup.yml", {"postgresql_backup_age_recipients": ["age1" + "q" * 58]}, "postgresql_databases is empty"),
+        ("backup.yml", {}, "backup_age_recipients is empty on localhost"),
+        ("backup.yml", {"backup_age_recipients": ["age1-not-a-key"]}, "must list age public keys"),
         ("restore.yml", {}, "Name the backup and the age identity: -e backup=DIR -e identity=FILE."),
     ],
-    ids=["no-recipient", "no-database", "restore-unnamed"],
+    ids=["no-recipient", "bad-recipient", "restore-unnamed"],
 )
 def test_backup_and_restore_refuse_what_they_cannot_do_before_they_change_anything(
     tmp_path, playbook, variables, message

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -48,6 +49,33 @@ def status_on(address: str, bearer: str) -> tuple[str, str]:
     body, _, status = output.rpartition("\n")
     code = json.loads(body).get("error", {}).get("code", "") if status != "200" else ""
     return status, code
+
+
+DATABASE_URL = (
+    "postgresql://pli_app:stack-postgresql-password-0123456789@172.29.88.10:5432/private_llm"
+    "?sslmode=verify-full&sslrootcert=/etc/private-llm/pki/ca.pem"
+)
+
+
+def sql(query: str) -> str:
+    return machine("pli-stack-gw").check_output(f"runuser -u postgres -- psql -d private_llm -tAc {shlex.quote(query)}")
+
+
+def app_cli(*args: str) -> str:
+    """The app's command line on a node, against the shared database (as the role runs it)."""
+    python = "/opt/private-llm/current/venv/bin/python"
+    words = [python, "-m", "app", *args, "--keys-db", "/srv/private-llm/app/keys.db"]
+    return f"PLI_DATABASE_URL={shlex.quote(DATABASE_URL)} " + " ".join(shlex.quote(word) for word in words)
+
+
+def wait_for(condition, what: str, timeout_s: float = 60):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"not within {timeout_s} s: {what}")
 
 
 class Failure(NamedTuple):

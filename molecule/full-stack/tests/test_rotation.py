@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import shlex
 import ssl
 import stat
 import threading
@@ -23,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from stack import KEY, NODES, PORT, Failure, ask, clients_asking, machine, run_playbook, status_on
+from stack import KEY, NODES, PORT, Failure, ask, clients_asking, machine, run_playbook, sql, status_on
 
 testinfra_hosts = ["ansible://pli-stack-gw"]
 
@@ -31,10 +30,6 @@ ROTATING_KEY = "sk-pli-stackrotating_0123456789abcdefghijklmnopqrst"  # tenant r
 SIGNING_KEY_ID = "stack-jwt-1"  # inference_app_jwt_keys in molecule.yml
 # Long enough for most of the load to run on the old key while the play runs, short enough to wait for.
 OVERLAP_S = 45
-
-
-def sql(query: str) -> str:
-    return machine("pli-stack-gw").check_output(f"runuser -u postgres -- psql -d private_llm -tAc {shlex.quote(query)}")
 
 
 def folded(result) -> str:

@@ -6,12 +6,11 @@ from __future__ import annotations
 import base64
 import json
 import shlex
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
-from stack import NODES, ask, clients_asking, machine, metric, run_playbook, status_on
+from stack import NODES, app_cli, ask, clients_asking, machine, metric, run_playbook, sql, status_on, wait_for
 
 from app.archive import generate_master_key
 from app.archive.keys import key_id
@@ -22,31 +21,6 @@ testinfra_hosts = ["ansible://pli-stack-gw"]
 ARCHIVE_KEY = "9LeXF83X6dnUzPMMn4UJuSOVPgipfJte6FPtJj01rvo="
 QUOTA_KEY = "sk-pli-stackquota_0123456789abcdefghijklmnopqrstuvw"  # rpm 6 (molecule.yml)
 QUOTA_RPM = 6
-DATABASE_URL = (
-    "postgresql://pli_app:stack-postgresql-password-0123456789@172.29.88.10:5432/private_llm"
-    "?sslmode=verify-full&sslrootcert=/etc/private-llm/pki/ca.pem"
-)
-
-
-def sql(query: str) -> str:
-    return machine("pli-stack-gw").check_output(f"runuser -u postgres -- psql -d private_llm -tAc {shlex.quote(query)}")
-
-
-def app_cli(*args: str) -> str:
-    """The app's command line on a node, against the shared database (as the role runs it)."""
-    python = "/opt/private-llm/current/venv/bin/python"
-    words = [python, "-m", "app", *args, "--keys-db", "/srv/private-llm/app/keys.db"]
-    return f"PLI_DATABASE_URL={shlex.quote(DATABASE_URL)} " + " ".join(shlex.quote(word) for word in words)
-
-
-def wait_for(condition, what: str, timeout_s: float = 60):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"not within {timeout_s} s: {what}")
 
 
 def test_a_keys_limit_holds_across_both_nodes_and_every_request_is_in_the_ledger(client_for):

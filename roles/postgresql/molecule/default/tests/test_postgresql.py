@@ -3,10 +3,7 @@ owner to its own database only, and the app's own migrations run over it."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import psycopg
@@ -109,55 +106,3 @@ def test_a_refused_configuration_left_the_previous_one_in_place(host):
 def test_postgresql_runs_enabled(host):
     service = host.service("postgresql@15-main")
     assert service.is_running and service.is_enabled
-
-
-# An age identity for this test alone, and its public key (a site keeps the identity off every host).
-AGE_IDENTITY = "AGE-SECRET-KEY-1AQSMHEPGCHMRV35WHL2P0QHPP57YSWGKZS2DFS0SLZF2PT63Y6RS79H328"
-AGE_RECIPIENT = "age1z3zdydnynmdmvf03a5gwqk5e3kqrvz7etm3qkm27pf5mvvtads5s0hc093"
-
-
-def run_playbook(host, playbook: str, tmp_path: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
-    """One of the repository's playbooks against this scenario's host, made a state host."""
-    repo = Path(__file__).resolve().parents[5]
-    groups = tmp_path / "groups.yml"
-    groups.write_text(json.dumps({"state": {"hosts": {host.backend.get_hostname(): {}}}}))
-    env = {
-        **os.environ,
-        "ANSIBLE_CONFIG": str(Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"]) / "ansible.cfg"),
-        "ANSIBLE_ROLES_PATH": str(repo / "roles"),
-        "ANSIBLE_COLLECTIONS_PATH": str(repo / "collections"),
-        "ANSIBLE_FORCE_COLOR": "false",
-    }
-    command = [str(Path(sys.executable).parent / "ansible-playbook"), str(repo / "playbooks" / playbook)]
-    command += ["-i", os.environ["MOLECULE_INVENTORY_FILE"], "-i", str(groups), *arguments]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
-
-
-def test_a_dropped_table_comes_back_from_an_encrypted_backup(host, tmp_path):
-    """playbooks/backup.yml: an age-encrypted dump on the controller with its checksum manifest; the table
-    dropped; playbooks/restore.yml (its inference play has no hosts here) brings it back with its rows."""
-    psql = "runuser -u postgres -- psql -d private_llm -tAc"
-    host.check_output(f"{psql} 'CREATE TABLE backup_probe (v text); INSERT INTO backup_probe VALUES (42)'")
-    backups = tmp_path / "backups"
-    recipients = json.dumps({"postgresql_backup_age_recipients": [AGE_RECIPIENT]})
-    backed_up = run_playbook(host, "backup.yml", tmp_path, "-e", recipients, "-e", f"backup_dir={backups}")
-    assert backed_up.returncode == 0, backed_up.stdout[-4000:] + backed_up.stderr[-2000:]
-    [backup] = list(backups.iterdir())
-    dump = backup / host.backend.get_hostname() / "private_llm.dump.age"
-    assert dump.read_bytes().startswith(b"age-encryption.org/v1")
-    assert b"backup_probe" not in dump.read_bytes(), "the dump left the host unencrypted"
-    assert (backup / "MANIFEST.sha256").read_text().split()[1] == f"{host.backend.get_hostname()}/private_llm.dump.age"
-
-    host.check_output(f"{psql} 'DROP TABLE backup_probe'")
-    identity = tmp_path / "identity.txt"
-    identity.write_text(AGE_IDENTITY + "\n")
-    restored = run_playbook(host, "restore.yml", tmp_path, "-e", f"backup={backup}", "-e", f"identity={identity}")
-    assert restored.returncode == 0, restored.stdout[-4000:] + restored.stderr[-2000:]
-    assert AGE_IDENTITY not in restored.stdout + restored.stderr
-    assert host.check_output(f"{psql} 'SELECT v FROM backup_probe'") == "42"
-    assert host.check_output("ls -A /var/backups/private-llm") == "", "a dump stayed on the host"
-
-    dump.write_bytes(dump.read_bytes()[:-1] + b"x")
-    refused = run_playbook(host, "restore.yml", tmp_path, "-e", f"backup={backup}", "-e", f"identity={identity}")
-    assert refused.returncode != 0
-    assert "FAILED" in refused.stdout + refused.stderr and "MANIFEST" in refused.stdout + refused.stderr
