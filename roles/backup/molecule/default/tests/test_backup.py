@@ -97,7 +97,8 @@ def test_the_host_keeps_the_newest_backups_and_refuses_a_name_that_is_not_a_time
 def test_a_dropped_database_and_a_changed_file_come_back_from_the_controllers_backup(host, tmp_path):
     """--check fetches nothing; backup.yml fetches the host's part and checks it; the database dropped and a
     file changed; restore.yml -e files=true makes the database again (CONNECT still refused to PUBLIC), with
-    its row, and puts the file back; nothing of the restore stays on the host; a tampered part is refused."""
+    its row, and puts the file back; no part copied for the restore stays on the host (the backup itself stays,
+    as the newest of the host's own); a tampered part is refused."""
     backups = tmp_path / "backups"
     checked = run_playbook(host, "backup.yml", tmp_path, "--check", "-e", f"backup_dir={backups}")
     assert checked.returncode == 0, checked.stdout[-4000:] + checked.stderr[-2000:]
@@ -127,7 +128,7 @@ def test_a_dropped_database_and_a_changed_file_come_back_from_the_controllers_ba
     public = "SELECT has_database_privilege('public', 'private_llm', 'CONNECT')"
     assert host.check_output(f"runuser -u postgres -- psql -tAc \"{public}\"") == "f"
     assert host.file("/etc/pli-probe/settings.conf").content_string == "probe = before\n"
-    assert host.check_output(f"ls -A {SPOOL}") == "", "a part stayed on the host"
+    assert host.check_output(f"ls -A {SPOOL}") == backup.name, "a restored part stayed on the host"
 
     dump = part / "private_llm.dump.age"
     dump.write_bytes(dump.read_bytes()[:-1] + b"x")
