@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,11 @@ import pytest
 # here it goes onto the host only for a moment, to read a part back.
 AGE_IDENTITY = "AGE-SECRET-KEY-1AQSMHEPGCHMRV35WHL2P0QHPP57YSWGKZS2DFS0SLZF2PT63Y6RS79H328"
 SPOOL = "/var/backups/private-llm"
-PSQL = "runuser -u postgres -- psql -d private_llm -tAc"
 MARKER = "backup-probe-5b1e"
+
+
+def psql(query: str, database: str = "private_llm") -> str:
+    return f"runuser -u postgres -- psql -d {database} -tAc {shlex.quote(query)}"
 
 
 def run_playbook(host, playbook: str, tmp_path: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
@@ -49,8 +53,8 @@ def decrypted(host, path: str, then: str) -> str:
 
 @pytest.fixture(scope="module", autouse=True)
 def probe_row(host):
-    host.check_output(f"{PSQL} 'CREATE TABLE IF NOT EXISTS backup_probe (v text); TRUNCATE backup_probe'")
-    host.check_output(f"{PSQL} \"INSERT INTO backup_probe VALUES ('{MARKER}')\"")
+    host.check_output(psql("CREATE TABLE IF NOT EXISTS backup_probe (v text); TRUNCATE backup_probe"))
+    host.check_output(psql(f"INSERT INTO backup_probe VALUES ('{MARKER}')"))  # noqa: S608 (a constant)
 
 
 def test_the_timer_runs_the_backup_daily(host):
@@ -75,11 +79,14 @@ def test_the_service_writes_only_encrypted_parts_and_a_manifest(host):
         assert content.content.startswith(b"age-encryption.org/v1"), part
         assert MARKER.encode() not in content.content, f"{part} holds the row unencrypted"
     host.check_output(f"cd {folder} && sha256sum --check --strict MANIFEST.sha256")
-    assert decrypted(host, f"{folder}/luks-probe.header.age", "cat > /run/header && cryptsetup isLuks /run/header && echo luks") == "luks"
+    is_luks = "cat > /run/header && cryptsetup isLuks /run/header && echo luks"
+    header = decrypted(host, f"{folder}/luks-probe.header.age", is_luks)
+    assert header == "luks"
     listed = decrypted(host, f"{folder}/files.tar.gz.age", "tar -tz").split()
     assert "etc/pli-probe/settings.conf" in listed and "etc/postgresql/15/main/postgresql.conf" in listed
     assert not [path for path in listed if path.startswith("etc/no-such-file")]
-    assert decrypted(host, f"{folder}/private_llm.dump.age", "pg_restore --data-only --table backup_probe -f -").count(MARKER) == 1
+    dumped = decrypted(host, f"{folder}/private_llm.dump.age", "pg_restore --data-only --table backup_probe -f -")
+    assert dumped.count(MARKER) == 1
     host.check_output(f"rm -rf {folder} /run/header")
 
 
@@ -115,8 +122,7 @@ def test_a_dropped_database_and_a_changed_file_come_back_from_the_controllers_ba
     ]  # fmt: skip
     assert oct(backup.stat().st_mode & 0o777) == "0o700"
 
-    host.check_output(f"{PSQL} 'SELECT 1'")
-    host.check_output("runuser -u postgres -- psql -tAc 'DROP DATABASE private_llm WITH (FORCE)'")
+    host.check_output(psql("DROP DATABASE private_llm WITH (FORCE)", database="postgres"))
     host.check_output("echo 'probe = after' > /etc/pli-probe/settings.conf")
     identity = tmp_path / "identity.txt"
     identity.write_text(AGE_IDENTITY + "\n")
@@ -124,9 +130,9 @@ def test_a_dropped_database_and_a_changed_file_come_back_from_the_controllers_ba
     restored = run_playbook(host, "restore.yml", tmp_path, *arguments)
     assert restored.returncode == 0, restored.stdout[-4000:] + restored.stderr[-2000:]
     assert AGE_IDENTITY not in restored.stdout + restored.stderr
-    assert host.check_output(f"{PSQL} 'SELECT v FROM backup_probe'") == MARKER
+    assert host.check_output(psql("SELECT v FROM backup_probe")) == MARKER
     public = "SELECT has_database_privilege('public', 'private_llm', 'CONNECT')"
-    assert host.check_output(f"runuser -u postgres -- psql -tAc \"{public}\"") == "f"
+    assert host.check_output(psql(public, database="postgres")) == "f"
     assert host.file("/etc/pli-probe/settings.conf").content_string == "probe = before\n"
     assert host.check_output(f"ls -A {SPOOL}") == backup.name, "a restored part stayed on the host"
 
