@@ -90,7 +90,8 @@ def test_ssh_only_from_allowed_cidrs(gateway, outsider):
 
 
 def test_published_container_port_is_filtered_like_a_host_port(gateway, outsider):
-    # Traffic to a published port is DNATed to the container and never passes the input hook.
+    # Traffic to a published port is DNATed to the container and never passes the input hook. 9100 is the
+    # node exporter's port: open to the monitoring group (the gateway), whose egress may reach it.
     assert can_connect(gateway, NODE_IP, 9100)
     assert not can_connect(outsider, NODE_IP, 9100)
 
