@@ -5,10 +5,12 @@ promtool and amtool come from Debian's prometheus packages (`make test-servers`)
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -47,10 +49,10 @@ def tool(name: str) -> str:
     return path
 
 
-def render(directory: Path, **extra_vars: object) -> dict[str, Path]:
-    """The role's templates as its tasks write them (its defaults and vars, this inventory, as pli-gw)."""
+def render(directory: Path, inventory: dict[str, Any] = INVENTORY, **extra_vars: object) -> dict[str, Path]:
+    """The role's templates as its tasks write them (its defaults and vars, the inventory, as pli-gw)."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "hosts.yml").write_text(yaml.safe_dump(INVENTORY))
+    (directory / "hosts.yml").write_text(yaml.safe_dump(inventory))
     play = [
         {
             "name": "render",
@@ -155,6 +157,19 @@ def test_the_scrape_targets_come_from_the_inventory(rendered):
     assert targets("nginx") == {"10.0.0.10:9113": "pli-gw"}
     assert jobs["blackbox"]["static_configs"][0]["targets"] == ["https://gateway.example.test/health"]
     assert jobs["blackbox"]["relabel_configs"][-1]["replacement"] == "127.0.0.1:9115"
+
+
+def blackbox_targets(files: dict[str, Path]) -> list[str]:
+    jobs = {job["job_name"]: job for job in yaml.safe_load(files["prometheus.yml"].read_text())["scrape_configs"]}
+    return [target for config in jobs["blackbox"]["static_configs"] for target in config["targets"]]
+
+
+def test_a_gateway_without_a_public_name_is_probed_by_its_inventory_name_unless_urls_are_given(tmp_path):
+    inventory = copy.deepcopy(INVENTORY)
+    del inventory["all"]["children"]["gateways"]["hosts"]["pli-gw"]["nginx_server_name"]
+    assert blackbox_targets(render(tmp_path / "default", inventory)) == ["https://pli-gw/health"]
+    given = ["https://chat.example.test/health", "https://api.example.test/health"]
+    assert blackbox_targets(render(tmp_path / "given", inventory, monitoring_probe_urls=given)) == given
 
 
 def test_alertmanager_sends_every_alert_to_every_receiver(tmp_path):
