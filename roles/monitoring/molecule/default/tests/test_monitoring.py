@@ -12,9 +12,11 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+import yaml
 
 PROMETHEUS = "http://127.0.0.1:9090"
 RECORD = "/var/lib/alert-recorder/alerts.jsonl"
+RULES = "/etc/prometheus/rules/private-llm.rules.yml"
 # Generous bounds: scrape and evaluation run every 2 s and `for:` is 4 s in this scenario, so each wait
 # below normally ends within 10-20 s; the bound only stops a broken setup from hanging the run.
 DEADLINE_SECONDS = 120
@@ -110,11 +112,16 @@ def test_the_probe_verifies_tls_and_reads_the_certificates_expiry(host):
 
 
 def test_every_rule_is_loaded_and_evaluates(host):
+    written = yaml.safe_load(host.file(RULES).content_string)["groups"]
     groups = fetch_json(host, f"{PROMETHEUS}/api/v1/rules")["data"]["groups"]
-    rules = [rule for group in groups for rule in group["rules"]]
-    names = {rule["name"] for rule in rules}
-    assert {"HostDown", "InferenceNodeDown", "NoInferenceNodeReady", "TlsCertificateExpiringSoon"} <= names
-    assert len(rules) >= 17
+    assert [rule["name"] for group in groups for rule in group["rules"]] == [
+        rule["alert"] for group in written for rule in group["rules"]
+    ]
+    # 17 alerts; DataVolumeNotMounted is one rule per encrypted volume, and this host has none.
+    assert {"HostDown", "InferenceNodeDown", "NoInferenceNodeReady", "TlsCertificateExpiringSoon"} <= {
+        rule["alert"] for group in written for rule in group["rules"]
+    }
+    assert sum(len(group["rules"]) for group in written) == 16
     wait_for(
         "every rule evaluated without error",
         lambda: all(

@@ -1,0 +1,118 @@
+"""The monitoring role on the stack: Prometheus on the gateway (the monitoring host) scrapes every host the
+inventory names through the firewall, the app's series carry vLLM's names, the probe verifies the served
+certificate, and stopping the app on one node delivers InferenceNodeDown to the webhook receiver (prepare.yml's
+recorder), resolved once the node is back."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from typing import Any
+
+from stack import NODES, machine, wait_for
+
+RECORD = "/var/lib/alert-recorder/alerts.jsonl"
+GATEWAY = "pli-stack-gw"
+PROBE_FROM = "python3 -c \"import socket; socket.create_connection(('{ip}', {port}), timeout=3)\""
+
+
+def prometheus(path: str, **params: str) -> Any:
+    arguments = " ".join(f"--data-urlencode {shlex.quote(f'{name}={value}')}" for name, value in params.items())
+    output = machine(GATEWAY).check_output(f"curl -sfG {arguments} http://127.0.0.1:9090/api/v1/{path}")
+    answer = json.loads(output)
+    assert answer["status"] == "success", answer
+    return answer["data"]
+
+
+def query(expression: str) -> list[dict[str, Any]]:
+    return prometheus("query", query=expression)["result"]
+
+
+def delivered(alertname: str, status: str, host: str, since_line: int) -> list[dict[str, Any]]:
+    record = machine(GATEWAY).file(RECORD)
+    lines = record.content_string.splitlines()[since_line:] if record.exists else []
+    return [
+        {**alert, "notified_line": since_line + number}
+        for number, line in enumerate(lines)
+        for alert in json.loads(line)["alerts"]
+        if alert["labels"]["alertname"] == alertname
+        and alert["status"] == status
+        and alert["labels"].get("host") == host
+    ]
+
+
+def last_notified(alertname: str, host: str) -> str | None:
+    """The status of the last notification about that alert and host: firing, resolved, or None."""
+    alerts = delivered(alertname, "firing", host, 0) + delivered(alertname, "resolved", host, 0)
+    return max(alerts, key=lambda alert: alert["notified_line"])["status"] if alerts else None
+
+
+def recorded_lines() -> int:
+    record = machine(GATEWAY).file(RECORD)
+    return len(record.content_string.splitlines()) if record.exists else 0
+
+
+def test_every_host_of_the_inventory_is_scraped_through_the_firewall():
+    expected = {
+        "node": {GATEWAY, *NODES},
+        "app": set(NODES),
+        "nginx": {GATEWAY},
+        "blackbox": {"https://gateway.pli.test/health"},
+        "prometheus": {GATEWAY},
+    }
+
+    def scraped() -> dict[str, set[str]] | None:
+        targets = prometheus("targets")["activeTargets"]
+        jobs: dict[str, set[str]] = {}
+        for target in targets:
+            label = "instance" if target["labels"]["job"] == "blackbox" else "host"
+            jobs.setdefault(target["labels"]["job"], set()).add(target["labels"][label])
+        healthy = all(target["health"] == "up" for target in targets)
+        return jobs if healthy and jobs == expected else None
+
+    wait_for(scraped, f"every target up: {expected}", timeout_s=120)
+
+
+def test_only_the_monitoring_host_reaches_the_exporters():
+    outsider = machine("pli-stack-acme")
+    for ip in NODES.values():
+        assert machine(GATEWAY).run(PROBE_FROM.format(ip=ip, port=9100)).rc == 0
+        assert outsider.run(PROBE_FROM.format(ip=ip, port=9100)).rc != 0
+    assert outsider.run(PROBE_FROM.format(ip="172.29.88.10", port=9113)).rc != 0
+    assert outsider.run(PROBE_FROM.format(ip="172.29.88.10", port=9100)).rc != 0
+
+
+def test_both_nodes_report_the_engine_under_vllms_names(client):
+    client.models.list()
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:e2e_request_latency_seconds_count"):
+        series = wait_for(lambda name=name: query(name), f"{name} from both nodes", timeout_s=60)
+        assert {entry["metric"]["host"] for entry in series} == set(NODES), series
+        assert all(entry["metric"].get("model_name") for entry in series), series
+    ready = query('private_llm_state{state="ready"} == 1')
+    assert {entry["metric"]["host"] for entry in ready} == set(NODES)
+
+
+def test_the_probe_verifies_the_served_certificate_and_reads_its_expiry():
+    wait_for(lambda: query('probe_success{job="blackbox"} == 1'), "the gateway's probe succeeding", timeout_s=60)
+    days_left = float(query('(probe_ssl_earliest_cert_expiry{job="blackbox"} - time()) / 86400')[0]["value"][1])
+    assert days_left > 14
+    assert not query('ALERTS{alertname="TlsCertificateExpiringSoon"}')
+
+
+def test_a_stopped_app_delivers_inference_node_down_and_its_return_resolves_it():
+    node = "pli-stack-node2"
+    # Other tests restart the apps: a notification still pending from one would make Alertmanager see no
+    # change when this stop fires the alert again.
+    wait_for(lambda: last_notified("InferenceNodeDown", node) in {None, "resolved"}, "no earlier alert pending", 120)
+    start = recorded_lines()
+    machine(node).check_output("systemctl stop private-llm-app")
+    try:
+        fired = wait_for(
+            lambda: delivered("InferenceNodeDown", "firing", node, start), "InferenceNodeDown at the webhook", 120
+        )
+        assert fired[0]["labels"]["severity"] == "page"
+        assert fired[0]["annotations"]["runbook"] == "README.md#alerts"
+    finally:
+        machine(node).check_output("systemctl start private-llm-app")
+    wait_for(lambda: machine(node).run(f"curl -sf http://{NODES[node]}:8000/ready").rc == 0, f"{node} ready again", 240)
+    wait_for(lambda: delivered("InferenceNodeDown", "resolved", node, start), "InferenceNodeDown resolved", 120)
