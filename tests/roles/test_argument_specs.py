@@ -18,6 +18,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 ROLES = sorted(p.parent.parent.name for p in REPO.glob("roles/*/meta/argument_specs.yml"))
 
+MONITORING_PORTS = {"app": 8000, "node_exporter": 9100, "nginx_exporter": 9113, "nginx_status": 8089}
 BAD_INPUT = [
     ("docker", {"docker_source": "snap"}, "docker_source must be one of: distro, docker_ce"),
     ("docker", {"docker_log_max_file": "many"}, "argument 'docker_log_max_file' is of type str"),
@@ -44,6 +45,17 @@ BAD_INPUT = [
         "missing required arguments: postgresql, redis",
     ),
     ("nginx", {"pli_ports": {"app": "eighty"}}, "argument 'app' is of type str"),
+    (
+        "monitoring",
+        {"pli_ports": MONITORING_PORTS, "monitoring_alert_receivers": [{"webhook_configs": [{"url": "http://x"}]}]},
+        "missing required arguments: name",
+    ),
+    (
+        "monitoring",
+        {"pli_ports": MONITORING_PORTS, "monitoring_alert_receivers": [{"name": "ops", "webhook": "http://x"}]},
+        "monitoring_alert_receivers.webhook. Supported parameters include: email_configs, name",
+    ),
+    ("monitoring", {"pli_ports": MONITORING_PORTS, "monitoring_alert_cpu_percent": "lots"}, "is of type str"),
 ]
 
 
