@@ -197,13 +197,13 @@ def run_site(*arguments: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize(
     ("tags", "check"),
-    [("gateway", True), ("app", True), ("app-keys", False), ("state", True)],
-    ids=["gateway-check", "app-check", "app-keys", "state-check"],
+    [("gateway", True), ("app", True), ("app-keys", False), ("state", True), ("monitoring", True)],
+    ids=["gateway-check", "app-check", "app-keys", "state-check", "monitoring-check"],
 )
 def test_a_documented_tag_runs_alone_on_the_converged_hosts(tags: str, check: bool) -> None:
-    """The README's `--check --diff --tags gateway` and `--tags app`, and the app role's `app-keys`, each run
-    on their own (the plays their tags skip still validate arguments, without facts) and change nothing on
-    hosts that are already converged."""
+    """The README's `--check --diff --tags gateway` and `--tags app`, the app role's `app-keys`, and the state
+    and monitoring plays in check mode, each run on their own (the plays their tags skip still validate
+    arguments, without facts) and change nothing on hosts that are already converged."""
     result = run_site("--tags", tags, *(["--check", "--diff"] if check else []))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     recap = re.findall(r"changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", result.stdout)
