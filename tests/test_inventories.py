@@ -34,5 +34,16 @@ def test_every_vault_variable_the_inventory_uses_is_in_its_vault_example(invento
 def test_every_inventory_sets_the_address_and_port_convention(inventory):
     shared = yaml.safe_load((INVENTORIES / inventory / "group_vars/all/main.yml").read_text(encoding="utf-8"))
     assert "pli_address" in shared
-    ports = {"app", "postgresql", "redis", "tang", "node_exporter", "nginx_exporter", "nginx_status"}
+    ports = {
+        "app",
+        "postgresql",
+        "redis",
+        "tang",
+        "node_exporter",
+        "nginx_exporter",
+        "nginx_status",
+        "nginx_log_exporter",
+        "postgres_exporter",
+        "redis_exporter",
+    }
     assert set(shared["pli_ports"]) == ports

@@ -20,7 +20,15 @@ from tests.roles.test_argument_specs import ansible_environment
 REPO = Path(__file__).resolve().parents[2]
 ROLE = REPO / "roles/monitoring"
 RULES_TEST = Path(__file__).with_name("rules-test.yml")
-PORTS = {"app": 8000, "node_exporter": 9100, "nginx_exporter": 9113, "nginx_status": 8089}
+PORTS = {
+    "app": 8000,
+    "node_exporter": 9100,
+    "nginx_exporter": 9113,
+    "nginx_status": 8089,
+    "nginx_log_exporter": 3903,
+    "postgres_exporter": 9187,
+    "redis_exporter": 9121,
+}
 VOLUME = [{"name": "data", "mount_point": "/srv/private-llm"}]
 INVENTORY = {
     "all": {
@@ -102,8 +110,8 @@ def run(*argv: str) -> subprocess.CompletedProcess[str]:
 def test_the_rules_pass_promtool(rendered):
     checked = run(tool("promtool"), "check", "rules", str(rendered["rules.yml"]))
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    # 17 alerts, DataVolumeNotMounted once per node.
-    assert "SUCCESS: 18 rules found" in checked.stdout
+    # 22 alerts, DataVolumeNotMounted once per node.
+    assert "SUCCESS: 23 rules found" in checked.stdout
 
 
 def test_every_alert_fires_when_it_should_and_stays_silent_when_it_should_not(rendered, tmp_path):
@@ -155,6 +163,9 @@ def test_the_scrape_targets_come_from_the_inventory(rendered):
     assert targets("node") == {"10.0.0.10:9100": "pli-gw", "10.0.0.21:9100": "pli-node1", "10.0.0.22:9100": "pli-node2"}
     assert targets("app") == {"10.0.0.21:8000": "pli-node1", "10.0.0.22:8000": "pli-node2"}
     assert targets("nginx") == {"10.0.0.10:9113": "pli-gw"}
+    assert targets("gateway_log") == {"10.0.0.10:3903": "pli-gw"}
+    assert targets("postgresql") == {"10.0.0.10:9187": "pli-gw"}
+    assert targets("redis") == {"10.0.0.10:9121": "pli-gw"}
     assert jobs["blackbox"]["static_configs"][0]["targets"] == ["https://gateway.example.test/health"]
     assert jobs["blackbox"]["relabel_configs"][-1]["replacement"] == "127.0.0.1:9115"
 

@@ -18,7 +18,15 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 ROLES = sorted(p.parent.parent.name for p in REPO.glob("roles/*/meta/argument_specs.yml"))
 
-MONITORING_PORTS = {"app": 8000, "node_exporter": 9100, "nginx_exporter": 9113, "nginx_status": 8089}
+MONITORING_PORTS = {
+    "app": 8000,
+    "node_exporter": 9100,
+    "nginx_exporter": 9113,
+    "nginx_status": 8089,
+    "nginx_log_exporter": 3903,
+    "postgres_exporter": 9187,
+    "redis_exporter": 9121,
+}
 BAD_INPUT = [
     ("docker", {"docker_source": "snap"}, "docker_source must be one of: distro, docker_ce"),
     ("docker", {"docker_log_max_file": "many"}, "argument 'docker_log_max_file' is of type str"),

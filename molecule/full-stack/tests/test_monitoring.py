@@ -65,6 +65,9 @@ def test_every_host_of_the_inventory_is_scraped_through_the_firewall():
         "node": {GATEWAY, *NODES},
         "app": set(NODES),
         "nginx": {GATEWAY},
+        "gateway_log": {GATEWAY},
+        "postgresql": {GATEWAY},
+        "redis": {GATEWAY},
         "blackbox": {"https://gateway.pli.test/health"},
         "prometheus": {GATEWAY},
     }
@@ -86,8 +89,9 @@ def test_only_the_monitoring_host_reaches_the_exporters():
     for ip in NODES.values():
         assert machine(GATEWAY).run(PROBE_FROM.format(ip=ip, port=9100)).rc == 0
         assert outsider.run(PROBE_FROM.format(ip=ip, port=9100)).rc != 0
-    assert outsider.run(PROBE_FROM.format(ip="172.29.88.10", port=9113)).rc != 0
-    assert outsider.run(PROBE_FROM.format(ip="172.29.88.10", port=9100)).rc != 0
+    # nginx's exporter, mtail, PostgreSQL's and Redis's exporters, the node exporter on the gateway.
+    for port in (9113, 3903, 9187, 9121, 9100):
+        assert outsider.run(PROBE_FROM.format(ip="172.29.88.10", port=port)).rc != 0, port
 
 
 def test_both_nodes_report_the_engine_under_vllms_names(client):
@@ -145,3 +149,31 @@ def test_a_stopped_app_delivers_inference_node_down_and_its_return_resolves_it()
         machine(node).check_output("systemctl start private-llm-app")
     wait_for(lambda: machine(node).run(f"curl -sf http://{NODES[node]}:8000/ready").rc == 0, f"{node} ready again", 240)
     wait_for(lambda: delivered("InferenceNodeDown", "resolved", node, start), "InferenceNodeDown resolved", 120)
+
+
+def test_the_shared_state_and_the_gateways_answers_are_measured(client):
+    """PostgreSQL's exporter reads the app's database as pg_monitor; Redis's reads its server as a user that
+    may touch no key; mtail counts the gateway's answers by status from nginx's access log."""
+    ask(client, "Say hi.", max_tokens=2)
+    wait_for(lambda: query('pg_up{job="postgresql"} == 1'), "PostgreSQL's exporter connected", timeout_s=60)
+    backends = wait_for(
+        lambda: query('pg_stat_database_numbackends{job="postgresql", datname="private_llm"} > 0'),
+        "the nodes' connections to the app's database",
+        timeout_s=60,
+    )
+    assert backends[0]["metric"]["host"] == GATEWAY
+    assert query('pg_settings_max_connections{job="postgresql"} > 0')
+    wait_for(lambda: query('redis_up{job="redis"} == 1'), "Redis's exporter connected", timeout_s=60)
+    assert query('redis_memory_max_bytes{job="redis"} > 0'), "maxmemory from INFO (no CONFIG GET for this user)"
+    answered = wait_for(
+        lambda: query('private_llm_gateway_responses_total{job="gateway_log", status="200"} > 0'),
+        "the gateway's 200s counted from its access log",
+        timeout_s=60,
+    )
+    assert answered[0]["metric"]["host"] == GATEWAY
+    # Rules evaluate every 2 s here: an alert from an earlier test's restart may still be resolving.
+    wait_for(
+        lambda: not query('ALERTS{alertname=~"PostgresqlDown|RedisDown|GatewayExporterDown"}'),
+        "no state or gateway exporter alert",
+        timeout_s=30,
+    )

@@ -20,6 +20,8 @@ RULES = "/etc/prometheus/rules/private-llm.rules.yml"
 # Generous bounds: scrape and evaluation run every 2 s and `for:` is 4 s in this scenario, so each wait
 # below normally ends within 10-20 s; the bound only stops a broken setup from hanging the run.
 DEADLINE_SECONDS = 120
+# prepare.yml's plain HTTP server, whose /broken answers 502.
+PLAIN_PORT = 8080
 
 
 def fetch_json(host, url: str) -> Any:
@@ -72,7 +74,7 @@ def test_servers_listen_on_loopback_and_exporters_on_the_private_address_only(ho
     for port in (9090, 9093, 9115):
         assert f"127.0.0.1:{port}" in listening
         assert not {f"0.0.0.0:{port}", f"*:{port}", f"[::]:{port}"} & listening
-    for port in (9100, 9113):
+    for port in (9100, 9113, 3903):
         assert f"{address}:{port}" in listening
         assert not {f"0.0.0.0:{port}", f"*:{port}", f"[::]:{port}"} & listening
     # Alertmanager's cluster port stays closed: one Alertmanager, nothing to gossip with.
@@ -85,14 +87,15 @@ def test_every_target_from_the_inventory_is_scraped_and_up(host, address):
         jobs: dict[str, list[dict[str, Any]]] = {}
         for target in active:
             jobs.setdefault(target["labels"]["job"], []).append(target)
-        ready = {"prometheus", "node", "nginx", "blackbox"} <= set(jobs)
+        ready = {"prometheus", "node", "nginx", "gateway_log", "blackbox"} <= set(jobs)
         return jobs if ready and all(t["health"] == "up" for t in active) else None
 
     jobs = wait_for("every target up", targets)
     assert [t["scrapeUrl"] for t in jobs["node"]] == [f"http://{address}:9100/metrics"]
     assert [t["scrapeUrl"] for t in jobs["nginx"]] == [f"http://{address}:9113/metrics"]
-    # No inference host in this inventory: the app's job is there, with no target.
-    assert "app" not in jobs
+    assert [t["scrapeUrl"] for t in jobs["gateway_log"]] == [f"http://{address}:3903/metrics"]
+    # No inference or state host in this inventory: their jobs are there, with no target.
+    assert not {"app", "postgresql", "redis"} & set(jobs)
     assert {t["labels"]["host"] for t in jobs["node"]} == {host.backend.get_hostname()}
 
 
@@ -100,6 +103,42 @@ def test_nginx_counters_come_from_its_stub_status(host):
     up = wait_for("nginx_up", lambda: query(host, 'nginx_up{job="nginx"} == 1'))
     assert len(up) == 1
     assert query(host, 'nginx_connections_accepted{job="nginx"} > 0')
+
+
+def test_the_gateways_answers_are_counted_by_status_and_a_5xx_share_is_reported(host):
+    """mtail reads nginx's JSON access log: the answers by status, and GatewayErrorRateHigh once more than
+    monitoring_alert_error_ratio of them are 5xx (prepare.yml's /broken answers 502). A status's series starts
+    with its first answer, and rate() counts from a series' first sample: the first 502 makes the series, the
+    next 200 are the increase (the probe's 200s on /health, one every 2 s, are answers too)."""
+    start = recorded_lines(host)
+    broken = f"http://127.0.0.1:{PLAIN_PORT}/broken"
+
+    def ask_broken(times: int) -> None:
+        script = "\n".join(
+            [
+                "import urllib.request as r",
+                f"for _ in range({times}):",
+                f"    try: r.urlopen({broken!r})",
+                "    except OSError: pass",
+            ]
+        )
+        host.check_output("python3 -c %s", script)
+
+    ask_broken(1)
+    wait_for(
+        "the 502 series", lambda: query(host, 'private_llm_gateway_responses_total{job="gateway_log", status="502"}')
+    )
+    ask_broken(200)
+    counted = wait_for(
+        "502s counted",
+        lambda: query(host, 'private_llm_gateway_responses_total{job="gateway_log", status="502"} >= 201'),
+    )
+    assert counted[0]["metric"]["host"] == host.backend.get_hostname()
+    fired = wait_for(
+        "GatewayErrorRateHigh at the webhook", lambda: delivered(host, "GatewayErrorRateHigh", "firing", start)
+    )
+    assert fired[0]["labels"]["severity"] == "page"
+    assert "of the gateway's answers are 5xx" in fired[0]["annotations"]["summary"]
 
 
 def test_the_probe_verifies_tls_and_reads_the_certificates_expiry(host):
@@ -118,11 +157,11 @@ def test_every_rule_is_loaded_and_evaluates(host):
     assert sorted(rule["name"] for group in groups for rule in group["rules"]) == sorted(
         rule["alert"] for group in written for rule in group["rules"]
     )
-    # 17 alerts; DataVolumeNotMounted is one rule per encrypted volume, and this host has none.
+    # 22 alerts; DataVolumeNotMounted is one rule per encrypted volume, and this host has none.
     assert {"HostDown", "InferenceNodeDown", "NoInferenceNodeReady", "TlsCertificateExpiringSoon"} <= {
         rule["alert"] for group in written for rule in group["rules"]
     }
-    assert sum(len(group["rules"]) for group in written) == 16
+    assert sum(len(group["rules"]) for group in written) == 21
     wait_for(
         "every rule evaluated without error",
         lambda: all(

@@ -103,6 +103,32 @@ def test_a_refused_configuration_left_the_previous_one_in_place(host):
     assert errors == "0"
 
 
+def monitoring_query(host, sql: str, database: str = "postgres", via: str = "/run/postgresql"):
+    return host.run(f'runuser -u prometheus -- psql -h {via} -d {database} -tAc "{sql}"')
+
+
+def test_the_exporters_role_reads_every_databases_statistics_on_the_socket(host):
+    result = monitoring_query(host, "SELECT numbackends >= 0 FROM pg_stat_database WHERE datname = 'private_llm'")
+    assert (result.rc, result.stdout.strip()) == (0, "t"), result.stderr
+    # pg_monitor: the other sessions' activity too, not only its own.
+    result = monitoring_query(
+        host, "SELECT pg_has_role('pg_monitor', 'member'), rolsuper FROM pg_roles WHERE rolname = current_user"
+    )
+    assert (result.rc, result.stdout.strip()) == (0, "t|f"), result.stderr
+
+
+def test_the_exporters_role_reaches_nothing_else(host, address):
+    no_data = monitoring_query(host, "SELECT 1", database="private_llm")
+    # The rule that rejects everything not let in above.
+    assert no_data.rc != 0 and "pg_hba.conf rejects connection" in no_data.stderr, no_data.stderr
+    no_network = monitoring_query(host, "SELECT 1", via="127.0.0.1")
+    assert no_network.rc != 0, no_network.stdout
+    stored = host.check_output(
+        "runuser -u postgres -- psql -tAc \"SELECT rolpassword IS NULL FROM pg_authid WHERE rolname = 'prometheus'\""
+    )
+    assert stored == "t"
+
+
 def test_postgresql_runs_enabled(host):
     service = host.service("postgresql@15-main")
     assert service.is_running and service.is_enabled

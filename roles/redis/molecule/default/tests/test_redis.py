@@ -100,6 +100,22 @@ def test_users_are_confined_to_their_keys_and_commands(address):
         reader.set("pli:molecule", "2")
 
 
+def test_the_exporters_user_reads_statistics_and_no_key(host, address):
+    secret = host.file("/etc/redis/monitoring.secret")
+    assert (secret.user, secret.mode) == ("root", 0o600)
+    exporter = client(address, user=("pli-monitoring", secret.content_string.strip()))
+    assert exporter.ping()
+    assert "used_memory" in exporter.info("memory")
+    exporter.slowlog_get(1)
+    client(address).set("pli:molecule-secret", "1")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        exporter.get("pli:molecule-secret")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        exporter.config_get("*")
+    with pytest.raises(redis.exceptions.NoPermissionError):
+        exporter.keys("*")
+
+
 def test_passwords_are_stored_as_hashes_only(host):
     acl = host.file("/etc/redis/users.acl")
     assert (acl.user, acl.group, acl.mode) == ("root", "redis", 0o640)
