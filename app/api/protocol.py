@@ -44,9 +44,16 @@ Text = Annotated[StrictStr, AfterValidator(_text)]
 # Field before the validator: the other order leaves the bounds out of the JSON schema.
 Temperature = Annotated[float, Field(ge=0.0, le=2.0), BeforeValidator(_not_a_boolean)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0), BeforeValidator(_not_a_boolean)]
-# Penalties are accepted at their neutral value only.
-Penalty = Annotated[
-    float, Field(ge=0.0, le=0.0, description="Only 0 (no penalty) is supported."), BeforeValidator(_not_a_boolean)
+# OpenAI's range; what vLLM accepts too.
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0), BeforeValidator(_not_a_boolean)]
+# vLLM's extras. repetition_penalty divides positive logits and multiplies negative ones: bounded so that
+# neither can overflow to infinity.
+TopK = Annotated[int, Field(ge=-1, le=2**31 - 1, description="0 or -1: off."), BeforeValidator(_integer)]
+MinP = Annotated[float, Field(ge=0.0, le=1.0), BeforeValidator(_not_a_boolean)]
+RepetitionPenalty = Annotated[
+    float,
+    Field(ge=0.01, le=10.0, description="1: off; above 1 discourages repeating a token."),
+    BeforeValidator(_not_a_boolean),
 ]
 SEED_RANGE = (-(2**63), 2**63 - 1)
 Seed = Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1]), BeforeValidator(_integer)]
@@ -108,6 +115,9 @@ class _Common(_Strict):
     user: Text | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
+    top_k: TopK | None = None
+    min_p: MinP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
 
     tools: Unsupported = None
     tool_choice: Unsupported = None

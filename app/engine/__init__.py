@@ -29,11 +29,22 @@ class PromptError(EngineError):
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """What decides each next token; the defaults change nothing. The meanings are vLLM's (top_k 0: off;
+    repetition_penalty 1: off)."""
+
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def penalises(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 @dataclass

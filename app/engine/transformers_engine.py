@@ -321,7 +321,7 @@ class TransformersEngine(HFTokenization):
     def _prefill_group(self, group: list[_Admission]) -> None:
         logits, caches = self._prefill.group([a.prompt for a in group])
         seqs = [a.seq for a in group]
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        tokens = sample(logits, seqs)
         joining = [
             (seq, own) for seq, token, own in zip(seqs, tokens, caches, strict=True) if self._prefilled(seq, token, own)
         ]
@@ -335,7 +335,7 @@ class TransformersEngine(HFTokenization):
         self._prefilling.remove(admission)
         logits, own = finished
         seq = admission.seq
-        if self._prefilled(seq, sample(logits, [seq.params], [seq.generator])[0], own):
+        if self._prefilled(seq, sample(logits, [seq])[0], own):
             self._join([(seq, own)])
 
     def _forget_nothing(self, *_: object) -> None:
@@ -417,7 +417,7 @@ class TransformersEngine(HFTokenization):
         self._mask = mask
         for seq in batch:
             seq.length += 1
-        tokens = sample(out.logits[:, -1, :], [s.params for s in batch], [s.generator for s in batch])
+        tokens = sample(out.logits[:, -1, :], batch)
         keep = [i for i, (seq, token) in enumerate(zip(batch, tokens, strict=True)) if self._accept(seq, token)]
         if len(keep) != len(batch):
             self._select_rows(keep)

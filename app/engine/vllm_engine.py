@@ -199,6 +199,11 @@ class VLLMEngine(HFTokenization):
             top_p=params.top_p,
             stop=list(params.stop) or None,
             seed=params.seed,
+            top_k=params.top_k,
+            min_p=params.min_p,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            repetition_penalty=params.repetition_penalty,
             output_kind=RequestOutputKind.DELTA,
         )
         account = self._accounting.request(len(prompt_ids))

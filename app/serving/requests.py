@@ -155,6 +155,11 @@ def _prepared(
         top_p=1.0 if body.top_p is None else body.top_p,
         stop=body.stop_list(),
         seed=body.seed,
+        top_k=max(0, body.top_k or 0),
+        min_p=body.min_p or 0.0,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
     )
     return Prepared(
         kind=kind,

@@ -67,6 +67,9 @@ CHAT_FIELDS = [
     "n",
     "presence_penalty",
     "frequency_penalty",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
     "user",
 ]
 COMPLETION_FIELDS = ["model", "prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "echo"]

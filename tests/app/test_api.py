@@ -124,6 +124,32 @@ def test_seeded_sampling_is_reproducible(server: Server) -> None:
     assert sample(99) != first
 
 
+def test_top_k_1_and_min_p_1_sample_only_the_likeliest_token(server: Server) -> None:
+    """vLLM's extras, on both backends: at their tightest, a sampled answer is the greedy one, whatever the seed."""
+    client = server.client()
+    greedy = client.completions.create(model=MODEL, prompt="The sea is", max_tokens=12, temperature=0)
+    for extra in ({"top_k": 1}, {"min_p": 1.0}):
+        for seed in (1, 2):
+            sampled = client.completions.create(
+                model=MODEL, prompt="The sea is", max_tokens=12, temperature=1.0, seed=seed, extra_body=extra
+            )
+            assert sampled.choices[0].text == greedy.choices[0].text, extra
+
+
+@pytest.mark.parametrize(
+    "penalty", [{"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"repetition_penalty": 1.5}]
+)
+def test_penalties_keep_a_greedy_answer_from_repeating_itself(server: Server, penalty: dict[str, float]) -> None:
+    client = server.client()
+    prompt = "1, 2, 3, 4, 5, 6,"
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0)
+    # repetition_penalty is vLLM's, not in the SDK's signature.
+    options = {"extra_body": penalty} if "repetition_penalty" in penalty else penalty
+    penalised = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0, **options)  # type: ignore[call-overload]
+    # Greedy counting repeats ", " after every number; a penalty on repeated tokens breaks the pattern.
+    assert plain.choices[0].text.count(",") > penalised.choices[0].text.count(","), (plain, penalised)
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
@@ -143,7 +169,12 @@ def test_seeded_sampling_is_reproducible(server: Server) -> None:
         ({"model": MODEL, "messages": QUESTION, "tools": [{"type": "function"}]}, "tools"),
         ({"model": MODEL, "messages": QUESTION, "logprobs": True}, "logprobs"),
         ({"model": MODEL, "messages": QUESTION, "response_format": {"type": "json_object"}}, "response_format"),
-        ({"model": MODEL, "messages": QUESTION, "frequency_penalty": 1.0}, "frequency_penalty"),
+        ({"model": MODEL, "messages": QUESTION, "frequency_penalty": 2.5}, "frequency_penalty"),
+        ({"model": MODEL, "messages": QUESTION, "presence_penalty": True}, "presence_penalty"),
+        ({"model": MODEL, "messages": QUESTION, "top_k": -2}, "top_k"),
+        ({"model": MODEL, "messages": QUESTION, "top_k": 1.5}, "top_k"),
+        ({"model": MODEL, "messages": QUESTION, "min_p": 1.5}, "min_p"),
+        ({"model": MODEL, "messages": QUESTION, "repetition_penalty": 0}, "repetition_penalty"),
         ({"model": MODEL, "messages": QUESTION, "stream_options": {"include_usage": True}}, "stream_options"),
         ({"model": MODEL, "messages": QUESTION, "bogus": 1}, "bogus"),
     ],

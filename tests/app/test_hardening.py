@@ -31,6 +31,12 @@ EXTREMES: list[dict[str, Any]] = [
     {"seed": 0, "temperature": 2.0, "top_p": 1.0},
     {"max_tokens": 1},
     {"stop": ["\u0000", "\uffff", "x" * 500, ""]},
+    {"repetition_penalty": 0.01, "temperature": 2.0},
+    {"repetition_penalty": 10.0},
+    {"frequency_penalty": -2.0, "presence_penalty": -2.0, "temperature": 2.0},
+    {"frequency_penalty": 2.0, "presence_penalty": 2.0, "max_tokens": 32},
+    {"min_p": 5e-324, "top_k": 2**31 - 1},
+    {"min_p": 1.0, "top_k": 1, "top_p": 5e-324, "temperature": 2.0},
 ]
 
 
