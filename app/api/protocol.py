@@ -93,14 +93,18 @@ class StreamOptions(_Strict):
     include_usage: StrictBool = False
 
 
+def _only_with(option: str, option_type: str, flag: str) -> dict[str, Any]:
+    """JSON Schema for "`option`, when set, needs `flag`: true"."""
+    return {
+        "if": {"required": [option], "properties": {option: {"type": option_type}}},
+        "then": {"required": [flag], "properties": {flag: {"const": True}}},
+    }
+
+
 class _Common(_Strict):
     # stream_options only with stream=true, said in the schema as well as checked.
     model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "if": {"required": ["stream_options"], "properties": {"stream_options": {"type": "object"}}},
-            "then": {"required": ["stream"], "properties": {"stream": {"const": True}}},
-        },
+        extra="forbid", json_schema_extra={"allOf": [_only_with("stream_options", "object", "stream")]}
     )
 
     model: Text
@@ -124,8 +128,6 @@ class _Common(_Strict):
     functions: Unsupported = None
     function_call: Unsupported = None
     parallel_tool_calls: Unsupported = None
-    logprobs: Unsupported = None
-    top_logprobs: Unsupported = None
     response_format: Unsupported = None
     logit_bias: Unsupported = None
     metadata: Unsupported = None
@@ -140,8 +142,22 @@ class _Common(_Strict):
 
 
 class ChatCompletionRequest(_Common):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "allOf": [
+                _only_with("stream_options", "object", "stream"),
+                _only_with("top_logprobs", "integer", "logprobs"),
+            ]
+        },
+    )
+
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: MaxTokens | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: (
+        Annotated[int, Field(ge=0, le=20, description="Only with logprobs=true."), BeforeValidator(_integer)] | None
+    ) = None
     audio: Unsupported = None
     modalities: Unsupported = None
     prediction: Unsupported = None
@@ -155,6 +171,7 @@ PromptText = Annotated[Text, Field(min_length=1)]
 
 class CompletionRequest(_Common):
     prompt: PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=1)]
+    logprobs: Annotated[int, Field(ge=0, le=5), BeforeValidator(_integer)] | None = None
     suffix: Unsupported = None
     echo: Unsupported = None
     best_of: Unsupported = None
@@ -173,6 +190,28 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+    refusal: None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -181,7 +220,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason
 
 
@@ -202,7 +241,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -221,7 +260,7 @@ class ChatCompletionChunk(BaseModel):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 

@@ -42,20 +42,36 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # None: no log probabilities; N: each generated token's, and its N most likely alternatives'.
+    logprobs: int | None = None
 
     def penalises(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's text and log probability (from the model's raw logits, as vLLM reports them), and
+    the most likely tokens at its place, likeliest first."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
 @dataclass
 class GenerationChunk:
-    """One step of a generation: new text, and on the last chunk the finish reason and token counts."""
+    """One step of a generation: new text, and on the last chunk the finish reason and token counts. With
+    log probabilities asked for, those of the tokens generated since the chunk before (a token's text may
+    come in a later chunk than its log probability: text is held back while it could still be a stop
+    string or an unfinished character)."""
 
     text: str
     finish_reason: AnswerFinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class HFTokenization:

@@ -13,12 +13,12 @@ NaN or +inf cannot be sampled: it is reported as None, so that request alone fai
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
 
-from app.engine import SamplingParams
+from app.engine import SamplingParams, TokenLogprob
 
 GREEDY_TEMPERATURE = 1e-5
 
@@ -86,3 +86,23 @@ def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     if not total > 0.0 or total != total:  # NaN compares unequal to itself
         return None
     return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def logprobs_of(
+    logits: torch.Tensor, rows: Sequence[Row], tokens: list[int | None], decode: Callable[[list[int]], str]
+) -> list[TokenLogprob | None]:
+    """For the rows that ask: the sampled token's log probability under the raw logits (as vLLM reports
+    it, before penalties and temperature) and its likeliest alternatives, each token as its text."""
+    found: list[TokenLogprob | None] = []
+    for index, (row, token) in enumerate(zip(rows, tokens, strict=True)):
+        alternatives = row.params.logprobs
+        if alternatives is None or token is None:
+            found.append(None)
+            continue
+        logprobs = torch.log_softmax(logits[index].float(), dim=-1)
+        top: tuple[tuple[str, float], ...] = ()
+        if alternatives > 0:
+            values, ids = logprobs.topk(min(alternatives, logprobs.shape[-1]))
+            top = tuple((decode([i]), value) for i, value in zip(ids.tolist(), values.tolist(), strict=True))
+        found.append(TokenLogprob(decode([token]), float(logprobs[token]), top))
+    return found

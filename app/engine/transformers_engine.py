@@ -24,14 +24,12 @@ so that systemd starts it afresh.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,47 +42,20 @@ from app.engine import (
     HFTokenization,
     QueueFullError,
     SamplingParams,
+    TokenLogprob,
 )
-from app.engine.accounting import EngineAccounting, RequestAccount
+from app.engine.accounting import EngineAccounting
 from app.engine.kv import SPARE_POSITIONS, KVCache, PrefixCache, buffers_of, cache_over, layers_of, stack_left_padded
 from app.engine.loader import LoadedModel
 from app.engine.prefill import Prefiller, Prompt
-from app.engine.sampler import sample
+from app.engine.sampler import logprobs_of, sample
+from app.engine.sequence import Admission, Sequence, torch_seed
 from app.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 # Failed steps in a row after which the engine gives up (one bad request fails one step).
 _MAX_CONSECUTIVE_FAILURES = 3
-
-
-@dataclass(eq=False)
-class _Sequence:
-    prompt_ids: list[int]
-    params: SamplingParams
-    loop: asyncio.AbstractEventLoop
-    outputs: asyncio.Queue[GenerationChunk]
-    account: RequestAccount
-    generated: list[int] = field(default_factory=list)
-    emitted_chars: int = 0
-    next_input: int = -1
-    length: int = 0  # real (unpadded) tokens in the cache
-    cancelled: bool = False
-    finished: bool = False
-    generator: torch.Generator = field(default_factory=lambda: torch.Generator(device="cpu"))
-
-    def send(self, chunk: GenerationChunk) -> None:
-        # A closed event loop (shutdown) raises: nobody is listening any more.
-        with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.outputs.put_nowait, chunk)
-
-
-@dataclass(eq=False)
-class _Admission:
-    """A sequence that holds a batch slot while its prompt is prefilled."""
-
-    seq: _Sequence
-    prompt: Prompt
 
 
 class _EngineBrokenError(Exception):
@@ -119,9 +90,9 @@ class TransformersEngine(HFTokenization):
         self._eos_ids = frozenset(int(i) for i in eos_ids if i is not None)
 
         self._prefixes = PrefixCache(capacity=prefix_cache_entries, max_bytes=prefix_cache_bytes)
-        self._waiting: deque[_Sequence] = deque()
-        self._prefilling: list[_Admission] = []
-        self._running: list[_Sequence] = []
+        self._waiting: deque[Sequence] = deque()
+        self._prefilling: list[Admission] = []
+        self._running: list[Sequence] = []
         self._cache: DynamicCache | None = None
         self._prefill = Prefiller(self._model, self._device, budget=prefill_chunk_tokens)
         self._mask = torch.zeros((0, 0), dtype=torch.long, device=self._device)
@@ -173,14 +144,14 @@ class TransformersEngine(HFTokenization):
         chunk, so the API can still answer 429/503) and return the stream of its chunks."""
         if self._failed is not None or self._stopping or self._thread is None:
             raise EngineUnavailableError(self._failed or "engine is not running")
-        seq = _Sequence(
+        seq = Sequence(
             prompt_ids=prompt_ids,
             params=params,
             loop=asyncio.get_running_loop(),
             outputs=asyncio.Queue(),
             account=self._accounting.request(len(prompt_ids)),
         )
-        seq.generator.manual_seed(_torch_seed(params.seed) if params.seed is not None else secrets.randbits(63))
+        seq.generator.manual_seed(torch_seed(params.seed) if params.seed is not None else secrets.randbits(63))
         with self._lock:
             free_slots = self._max_batch - len(self._running) - len(self._prefilling)
             if len(self._waiting) - free_slots >= self._max_waiting:
@@ -190,7 +161,7 @@ class TransformersEngine(HFTokenization):
         self._wakeup.set()
         return self._stream(seq)
 
-    async def _stream(self, seq: _Sequence) -> AsyncIterator[GenerationChunk]:
+    async def _stream(self, seq: Sequence) -> AsyncIterator[GenerationChunk]:
         try:
             while True:
                 chunk = await seq.outputs.get()
@@ -230,7 +201,7 @@ class TransformersEngine(HFTokenization):
             self._waiting.clear()
             self._update_gauges()
 
-    def _contain(self, seqs: list[_Sequence], undo: Callable[..., None], step: Callable[..., None], *args: Any) -> None:
+    def _contain(self, seqs: list[Sequence], undo: Callable[..., None], step: Callable[..., None], *args: Any) -> None:
         """Run one step; if it raises, undo what it left half done, fail the requests it served (and only
         those) and go on, unless steps keep failing."""
         try:
@@ -253,7 +224,7 @@ class TransformersEngine(HFTokenization):
         else:
             self._failures_in_a_row = 0
 
-    def _fail(self, seq: _Sequence, message: str) -> None:
+    def _fail(self, seq: Sequence, message: str) -> None:
         if not seq.finished:
             seq.finished = True
             seq.account.finished("error")
@@ -263,7 +234,7 @@ class TransformersEngine(HFTokenization):
         self._accounting.load(len(self._running) + len(self._prefilling), len(self._waiting))
 
     @staticmethod
-    def _still_wanted(seq: _Sequence) -> bool:
+    def _still_wanted(seq: Sequence) -> bool:
         """False for a cancelled sequence, whose request is then accounted as aborted."""
         # Read once: the event loop's thread may cancel between two reads, and a sequence dropped without
         # its abort would never be accounted.
@@ -283,7 +254,7 @@ class TransformersEngine(HFTokenization):
         self._update_gauges()
 
     def _admit(self) -> None:
-        admitted: list[_Sequence] = []
+        admitted: list[Sequence] = []
         with self._lock:
             while self._waiting and len(self._running) + len(self._prefilling) + len(admitted) < self._max_batch:
                 admitted.append(self._waiting.popleft())
@@ -295,7 +266,7 @@ class TransformersEngine(HFTokenization):
             reused, past = self._prefixes.lookup(seq.prompt_ids)
             # At least the last prompt token goes through the model: its logits give the first new token.
             reused = min(reused, len(seq.prompt_ids) - 1)
-            self._prefilling.append(_Admission(seq, Prompt(seq.prompt_ids, reused, past, done=reused)))
+            self._prefilling.append(Admission(seq, Prompt(seq.prompt_ids, reused, past, done=reused)))
         self._update_gauges()
 
     # --- prefill -------------------------------------------------------------------------------------
@@ -318,41 +289,45 @@ class TransformersEngine(HFTokenization):
             size = max(budget, self._prefill.budget // 4)
             self._contain([long[0].seq], self._forget_prefill, self._prefill_chunk, long[0], size)
 
-    def _prefill_group(self, group: list[_Admission]) -> None:
+    def _prefill_group(self, group: list[Admission]) -> None:
         logits, caches = self._prefill.group([a.prompt for a in group])
         seqs = [a.seq for a in group]
         tokens = sample(logits, seqs)
+        logprobs = logprobs_of(logits, seqs, tokens, self._tokenizer.decode)
         joining = [
-            (seq, own) for seq, token, own in zip(seqs, tokens, caches, strict=True) if self._prefilled(seq, token, own)
+            (seq, own)
+            for seq, token, logprob, own in zip(seqs, tokens, logprobs, caches, strict=True)
+            if self._prefilled(seq, token, logprob, own)
         ]
         if joining:
             self._join(joining)
 
-    def _prefill_chunk(self, admission: _Admission, size: int) -> None:
+    def _prefill_chunk(self, admission: Admission, size: int) -> None:
         finished = self._prefill.chunk(admission.prompt, size)
         if finished is None:
             return
         self._prefilling.remove(admission)
         logits, own = finished
         seq = admission.seq
-        if self._prefilled(seq, sample(logits, [seq])[0], own):
+        token = sample(logits, [seq])[0]
+        if self._prefilled(seq, token, logprobs_of(logits, [seq], [token], self._tokenizer.decode)[0], own):
             self._join([(seq, own)])
 
     def _forget_nothing(self, *_: object) -> None:
         pass  # a group's admissions have left the prefilling list before its pass
 
-    def _forget_prefill(self, admission: _Admission, *_: object) -> None:
+    def _forget_prefill(self, admission: Admission, *_: object) -> None:
         if admission in self._prefilling:
             self._prefilling.remove(admission)
 
-    def _prefilled(self, seq: _Sequence, token: int | None, own: KVCache) -> bool:
+    def _prefilled(self, seq: Sequence, token: int | None, logprob: TokenLogprob | None, own: KVCache) -> bool:
         """A prompt is in the cache: remember it for prefix reuse and take its first token."""
         self._prefixes.store(seq.prompt_ids, own)
         seq.length = len(seq.prompt_ids)
-        return self._accept(seq, token)
+        return self._accept(seq, token, logprob)
 
     # --- the running batch ---------------------------------------------------------------------------
-    def _join(self, joining: list[tuple[_Sequence, KVCache]]) -> None:
+    def _join(self, joining: list[tuple[Sequence, KVCache]]) -> None:
         running = layers_of(self._cache) if self._cache is not None and self._running else []
         old_len = running[0][0].shape[-2] if running else 0
         lengths = [cache[0][0].shape[-2] for _, cache in joining]
@@ -417,13 +392,19 @@ class TransformersEngine(HFTokenization):
         self._mask = mask
         for seq in batch:
             seq.length += 1
-        tokens = sample(out.logits[:, -1, :], batch)
-        keep = [i for i, (seq, token) in enumerate(zip(batch, tokens, strict=True)) if self._accept(seq, token)]
+        logits = out.logits[:, -1, :]
+        tokens = sample(logits, batch)
+        logprobs = logprobs_of(logits, batch, tokens, self._tokenizer.decode)
+        keep = [
+            i
+            for i, (seq, token, logprob) in enumerate(zip(batch, tokens, logprobs, strict=True))
+            if self._accept(seq, token, logprob)
+        ]
         if len(keep) != len(batch):
             self._select_rows(keep)
 
     # --- tokens to text ------------------------------------------------------------------------------
-    def _accept(self, seq: _Sequence, token: int | None) -> bool:
+    def _accept(self, seq: Sequence, token: int | None, logprob: TokenLogprob | None = None) -> bool:
         """Record one sampled token; send text to the client. Returns False when the sequence is done."""
         now = time.monotonic()
         if seq.cancelled:
@@ -434,49 +415,26 @@ class TransformersEngine(HFTokenization):
             self._fail(seq, "The model gave no valid next-token distribution for this request (non-finite).")
             return False
         if token in self._eos_ids:
-            return self._finish(seq, "stop", now)
+            return self._finish(seq, "stop", now, seq.tail(self._decode(seq.generated)))
         seq.account.tokens(1, now)
         seq.generated.append(token)
         seq.next_input = token
-
-        text = self._tokenizer.decode(seq.generated, skip_special_tokens=True)
-        stops = seq.params.stop
-        if stops:
-            search_from = max(0, seq.emitted_chars - max(len(s) for s in stops))
-            hits = [i for i in (text.find(s, search_from) for s in stops) if i >= 0]
-            if hits:
-                return self._finish(seq, "stop", now, final_text=text[: min(hits)])
-        budget_left = len(seq.generated) < seq.params.max_tokens and seq.length + 1 < self.context_length
-        if not budget_left:
-            return self._finish(seq, "length", now, final_text=text)
-        # Hold back an incomplete UTF-8 character and anything that could still become a stop string.
-        safe = len(text)
-        if text.endswith("\ufffd"):
-            safe = len(text.rstrip("\ufffd"))
-        if stops:
-            safe = min(safe, len(text) - (max(len(s) for s in stops) - 1))
-        if safe > seq.emitted_chars:
-            seq.send(GenerationChunk(text=text[seq.emitted_chars : safe]))
-            seq.emitted_chars = safe
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        text, reason = seq.text_step(self._decode, room_left=seq.length + 1 < self.context_length)
+        if reason is not None:
+            return self._finish(seq, reason, now, text)
+        if text:
+            seq.send_text(text)
         return True
 
-    def _finish(self, seq: _Sequence, reason: FinishReason, now: float, final_text: str | None = None) -> bool:
-        if final_text is None:
-            final_text = self._tokenizer.decode(seq.generated, skip_special_tokens=True)
-        tail = final_text[seq.emitted_chars :] if len(final_text) > seq.emitted_chars else ""
+    def _decode(self, token_ids: list[int]) -> str:
+        return str(self._tokenizer.decode(token_ids, skip_special_tokens=True))
+
+    def _finish(self, seq: Sequence, reason: FinishReason, now: float, tail: str) -> bool:
         seq.finished = True
         seq.account.finished(reason, now)
-        seq.send(
-            GenerationChunk(
-                text=tail,
-                finish_reason=reason,
-                prompt_tokens=len(seq.prompt_ids),
-                completion_tokens=len(seq.generated),
-            )
+        seq.send_text(
+            tail, finish_reason=reason, prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.generated)
         )
         return False
-
-
-def _torch_seed(seed: int) -> int:
-    """The API takes any signed 64-bit seed; torch's generator takes 0 ... 2**64 - 1."""
-    return seed % (1 << 64)

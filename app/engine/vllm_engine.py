@@ -26,6 +26,7 @@ from app.engine import (
     HFTokenization,
     QueueFullError,
     SamplingParams,
+    TokenLogprob,
 )
 from app.engine.accounting import EngineAccounting
 from app.engine.loader import ModelLoadError, resolve_model_folder
@@ -204,6 +205,7 @@ class VLLMEngine(HFTokenization):
             presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty,
             repetition_penalty=params.repetition_penalty,
+            logprobs=params.logprobs,
             output_kind=RequestOutputKind.DELTA,
         )
         account = self._accounting.request(len(prompt_ids))
@@ -214,18 +216,24 @@ class VLLMEngine(HFTokenization):
                 if account.generated == 0:
                     self._account_queue_time(output)
                 account.tokens(len(completion.token_ids))
+                logprobs = _logprobs_of(completion, params.logprobs) if params.logprobs is not None else ()
                 if not output.finished:
-                    if completion.text:
-                        yield GenerationChunk(text=completion.text)
+                    if completion.text or logprobs:
+                        yield GenerationChunk(text=completion.text, logprobs=logprobs)
                     continue
                 finished = True
                 reason: FinishReason = "length" if completion.finish_reason == "length" else "stop"
+                if reason == "stop" and not isinstance(completion.stop_reason, str) and logprobs:
+                    # Ended by a token (end of sequence, or one of the model's stop tokens, whose id vLLM gives
+                    # as stop_reason) rather than a stop string: that token is no part of the answer.
+                    logprobs = logprobs[:-1]
                 account.finished(reason)
                 yield GenerationChunk(
                     text=completion.text,
                     finish_reason=reason,
                     prompt_tokens=len(prompt_ids),
                     completion_tokens=account.generated,
+                    logprobs=logprobs,
                 )
                 return
             if not finished:
@@ -246,6 +254,18 @@ class VLLMEngine(HFTokenization):
                 task = asyncio.get_running_loop().create_task(self._engine.abort(request_id))
                 self._aborts.add(task)
                 task.add_done_callback(self._aborts.discard)
+
+
+def _logprobs_of(completion: Any, alternatives: int) -> tuple[TokenLogprob, ...]:
+    """vLLM gives, per generated token, a map of token id to Logprob holding the sampled token and the
+    likeliest ones (rank 1 first); the sampled one may be among them."""
+    found = []
+    for token_id, position in zip(completion.token_ids, completion.logprobs or (), strict=False):
+        ranked = sorted((entry for entry in position.values() if entry.rank is not None), key=lambda e: e.rank)
+        top = tuple((entry.decoded_token or "", entry.logprob) for entry in ranked[:alternatives])
+        chosen = position[token_id]
+        found.append(TokenLogprob(chosen.decoded_token or "", chosen.logprob, top))
+    return tuple(found)
 
 
 def _stat_logger_factory(accounting: EngineAccounting) -> Any:

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from app.api.errors import APIError, error_body
 from app.api.services import Services
 from app.auth import Principal
-from app.engine import Engine, EngineUnavailableError, GenerationChunk, QueueFullError
+from app.engine import Engine, EngineUnavailableError, GenerationChunk, QueueFullError, TokenLogprob
 from app.serving.account import Account
 from app.serving.requests import Prepared
 from app.serving.responses import Renderer
@@ -24,14 +24,24 @@ from app.serving.safety import guarded_answer, safety_of
 _DISCONNECT_POLL_S = 0.25
 # nginx's status for "the client closed the connection before the answer": logged, never sent.
 CLIENT_GONE = 499
+# A whole answer: its text, its last chunk (finish reason, counts) and its tokens' log probabilities.
+Collected = tuple[str, GenerationChunk, list[TokenLogprob]]
 
 
 async def run(
     prepared: Prepared, principal: Principal, engine: Engine, request: Request, services: Services
 ) -> Response:
+    safety = safety_of(services)
+    if safety.pii_answer == "redact" and prepared.params.logprobs is not None:
+        # Tokens are the model's own text: they would show what the redaction replaces.
+        raise APIError(
+            400,
+            "Log probabilities are not available here: this server redacts personal data in its answers.",
+            param="logprobs",
+            code="unsupported_parameter",
+        )
     account = Account(services, principal, prepared, request_id=request.state.request_id)
     await account.admit()
-    safety = safety_of(services)
     try:
         await safety.refuse_blocked_prompt(prepared.texts, prepared.prompt_param)
     except APIError as exc:
@@ -99,23 +109,23 @@ def _engine_error(message: str, engine: Engine) -> APIError:
     return APIError(500, message, code="engine_failure")
 
 
-async def _collect(
-    stream: AsyncIterator[GenerationChunk], engine: Engine, account: Account
-) -> tuple[str, GenerationChunk]:
+async def _collect(stream: AsyncIterator[GenerationChunk], engine: Engine, account: Account) -> Collected:
     parts: list[str] = []
+    logprobs: list[TokenLogprob] = []
     last = GenerationChunk(text="")
     async for chunk in stream:
         if chunk.error is not None:
             raise _engine_error(chunk.error, engine)
         account.seen(chunk)
         parts.append(chunk.text)
+        logprobs.extend(chunk.logprobs)
         last = chunk
-    return "".join(parts), last
+    return "".join(parts), last, logprobs
 
 
 async def _collect_while_connected(
     stream: AsyncIterator[GenerationChunk], request: Request, engine: Engine, account: Account
-) -> tuple[str, GenerationChunk] | None:
+) -> Collected | None:
     """The whole answer, or None when the client went away first: then the generation is cancelled (its
     slot freed at the next token) instead of running to its end for nobody."""
     collecting = asyncio.ensure_future(_collect(stream, engine, account))
@@ -153,6 +163,6 @@ async def _events(
             for event in renderer.closing(chunk):
                 yield _sse(event)
             break
-        if chunk.text:
-            yield _sse(renderer.delta(chunk.text))
+        if chunk.text or chunk.logprobs:
+            yield _sse(renderer.delta(chunk.text, chunk.logprobs))
     yield _sse("[DONE]")

@@ -91,6 +91,8 @@ def _check_common(body: ChatCompletionRequest | CompletionRequest, engine: Engin
         )
     if body.stream_options is not None and not body.stream:
         raise APIError(400, "stream_options is only allowed with stream=true.", param="stream_options")
+    if isinstance(body, ChatCompletionRequest) and body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs is only allowed with logprobs=true.", param="top_logprobs")
     if body.model != engine.model_name:
         raise APIError(
             404,
@@ -160,6 +162,7 @@ def _prepared(
         presence_penalty=body.presence_penalty or 0.0,
         frequency_penalty=body.frequency_penalty or 0.0,
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        logprobs=_logprobs(body),
     )
     return Prepared(
         kind=kind,
@@ -169,3 +172,10 @@ def _prepared(
         stream=bool(body.stream),
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )
+
+
+def _logprobs(body: ChatCompletionRequest | CompletionRequest) -> int | None:
+    """How many alternatives each token's log probability comes with; None: no log probabilities."""
+    if isinstance(body, ChatCompletionRequest):
+        return (body.top_logprobs or 0) if body.logprobs else None
+    return body.logprobs

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from app.api.errors import APIError
 from app.api.services import Services
-from app.engine import GenerationChunk
+from app.engine import GenerationChunk, TokenLogprob
 from app.metrics import Metrics
 from app.safety import AnswerGuard, ContentFilter, Match
 from app.safety.pii import PiiGuard, PiiKind, find_pii, redact
@@ -124,6 +124,25 @@ def _through(guards: list[StreamGuard], text: str, last: bool) -> tuple[str, boo
     return text, stopped
 
 
+class _ReleasedLogprobs:
+    """Log probabilities follow the text the guards let out: a token's goes out once as much text as the
+    tokens so far spell has been released, so that none tells of text a guard held back or cut off."""
+
+    def __init__(self) -> None:
+        self.pending: list[TokenLogprob] = []
+        self.released_chars = 0
+        self.spelled_chars = 0
+
+    def after(self, logprobs: tuple[TokenLogprob, ...], released_text: str) -> tuple[TokenLogprob, ...]:
+        self.pending.extend(logprobs)
+        self.released_chars += len(released_text)
+        ready = []
+        while self.pending and self.spelled_chars + len(self.pending[0].token) <= self.released_chars:
+            self.spelled_chars += len(self.pending[0].token)
+            ready.append(self.pending.pop(0))
+        return tuple(ready)
+
+
 async def guarded_answer(
     stream: AsyncIterator[GenerationChunk], guards: list[StreamGuard], prompt_tokens: int
 ) -> AsyncIterator[GenerationChunk]:
@@ -131,6 +150,7 @@ async def guarded_answer(
     chunk, so a chunk may carry no text. When a guard ends the answer, the last chunk has finish_reason
     content_filter, and closing the engine's stream ends the generation and frees its slot."""
     produced = 0
+    logprobs = _ReleasedLogprobs()
     try:
         async for chunk in stream:
             if chunk.error is not None:
@@ -138,16 +158,25 @@ async def guarded_answer(
                 return
             produced += 1
             text, stopped = _through(guards, chunk.text, last=chunk.finish_reason is not None)
+            released = logprobs.after(chunk.logprobs, text)
             if stopped:
                 yield GenerationChunk(
-                    text=text, finish_reason="content_filter", prompt_tokens=prompt_tokens, completion_tokens=produced
+                    text=text,
+                    finish_reason="content_filter",
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=produced,
+                    logprobs=released,
                 )
                 return
+            if chunk.finish_reason is not None:
+                # Nothing is held back any more: the answer is whole.
+                released += tuple(logprobs.pending)
             yield GenerationChunk(
                 text=text,
                 finish_reason=chunk.finish_reason,
                 prompt_tokens=chunk.prompt_tokens,
                 completion_tokens=chunk.completion_tokens,
+                logprobs=released,
             )
             if chunk.finish_reason is not None:
                 return

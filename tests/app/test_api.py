@@ -150,6 +150,81 @@ def test_penalties_keep_a_greedy_answer_from_repeating_itself(server: Server, pe
     assert plain.choices[0].text.count(",") > penalised.choices[0].text.count(","), (plain, penalised)
 
 
+def test_chat_logprobs_are_the_answers_tokens_with_their_likeliest_alternatives(small_server: Server) -> None:
+    # The small server filters no answer (the main one redacts personal data: see the test below).
+    reply = small_server.client().chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=5, logprobs=True, top_logprobs=3
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "length" and choice.logprobs is not None and choice.logprobs.content is not None
+    tokens = choice.logprobs.content
+    assert reply.usage is not None and len(tokens) == reply.usage.completion_tokens == 5
+    assert "".join(token.token for token in tokens) == choice.message.content
+    for token in tokens:
+        assert token.logprob <= 0 and token.bytes == list(token.token.encode())
+        alternatives = [top.logprob for top in token.top_logprobs]
+        assert len(alternatives) == 3 and alternatives == sorted(alternatives, reverse=True)
+        # Greedy: the chosen token is the likeliest one.
+        assert token.top_logprobs[0].token == token.token
+        assert token.logprob == pytest.approx(alternatives[0], abs=1e-4)
+    # An answer the model ends itself: its end-of-sequence token is no token of the answer.
+    whole = small_server.client().chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=32, logprobs=True
+    )
+    assert whole.choices[0].finish_reason == "stop" and whole.choices[0].logprobs is not None
+    assert "".join(t.token for t in whole.choices[0].logprobs.content or []) == whole.choices[0].message.content
+
+
+def test_streamed_logprobs_add_up_to_the_streamed_answer(small_server: Server) -> None:
+    stream = small_server.client().chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,
+        temperature=0,
+        # Ends for length, before the end-of-sequence token (which vLLM counts in the usage, and is no token of the
+        # answer).
+        max_tokens=6,
+        logprobs=True,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, tokens, usage, finish = "", [], None, None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+            if choice.logprobs is not None and choice.logprobs.content:
+                tokens.extend(choice.logprobs.content)
+    assert finish == "length" and usage is not None and len(tokens) == usage.completion_tokens == 6
+    assert "".join(token.token for token in tokens) == text
+    assert all(token.top_logprobs == [] for token in tokens)
+
+
+def test_completion_logprobs_in_the_legacy_form(small_server: Server) -> None:
+    client = small_server.client()
+    reply = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0, logprobs=2
+    )
+    logprobs = reply.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens and logprobs.token_logprobs and logprobs.text_offset
+    assert "".join(logprobs.tokens) == reply.choices[0].text
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.text_offset) == 6
+    assert logprobs.text_offset == [sum(len(t) for t in logprobs.tokens[:i]) for i in range(6)]
+    assert logprobs.top_logprobs is not None
+    # Two alternatives, one key each: fewer only when two tokens read the same.
+    assert all(1 <= len(top) <= 2 for top in logprobs.top_logprobs)
+    plain = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_logprobs_are_refused_where_answers_are_redacted(server: Server) -> None:
+    """A token is the model's own text: where personal data in answers is replaced, it would show it."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        server.client().chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2, logprobs=True)
+    assert refused.value.body["param"] == "logprobs"  # type: ignore[index]
+    assert refused.value.body["code"] == "unsupported_parameter"  # type: ignore[index]
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
@@ -167,7 +242,9 @@ def test_penalties_keep_a_greedy_answer_from_repeating_itself(server: Server, pe
         ({"model": MODEL, "messages": QUESTION, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"model": MODEL, "messages": QUESTION, "n": 2}, "n"),
         ({"model": MODEL, "messages": QUESTION, "tools": [{"type": "function"}]}, "tools"),
-        ({"model": MODEL, "messages": QUESTION, "logprobs": True}, "logprobs"),
+        ({"model": MODEL, "messages": QUESTION, "top_logprobs": 2}, "top_logprobs"),
+        ({"model": MODEL, "messages": QUESTION, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"model": MODEL, "messages": QUESTION, "logprobs": 1}, "logprobs"),
         ({"model": MODEL, "messages": QUESTION, "response_format": {"type": "json_object"}}, "response_format"),
         ({"model": MODEL, "messages": QUESTION, "frequency_penalty": 2.5}, "frequency_penalty"),
         ({"model": MODEL, "messages": QUESTION, "presence_penalty": True}, "presence_penalty"),
