@@ -15,20 +15,12 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.roles.test_argument_specs import ansible_environment
+from tests.roles.test_argument_specs import MONITORING_PORTS, ansible_environment
 
 REPO = Path(__file__).resolve().parents[2]
 ROLE = REPO / "roles/monitoring"
 RULES_TEST = Path(__file__).with_name("rules-test.yml")
-PORTS = {
-    "app": 8000,
-    "node_exporter": 9100,
-    "nginx_exporter": 9113,
-    "nginx_status": 8089,
-    "nginx_log_exporter": 3903,
-    "postgres_exporter": 9187,
-    "redis_exporter": 9121,
-}
+PORTS = MONITORING_PORTS
 VOLUME = [{"name": "data", "mount_point": "/srv/private-llm"}]
 INVENTORY = {
     "all": {
