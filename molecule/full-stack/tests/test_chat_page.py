@@ -83,7 +83,13 @@ def test_a_person_signs_in_and_gets_an_answer_through_the_gateway(pebble_root, t
         wait.until(lambda d: d.execute_script("return document.body.dataset.state === 'idle'"))
         answers = [node.text for node in driver.find_elements(By.CSS_SELECTOR, ".message.assistant .body")]
         assert answers and "Paris" in answers[-1], (answers, driver.find_element(By.ID, "notice").text)
-        errors = [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+        # Chromium drops its connections when the machine's network interfaces change (other scenarios create and
+        # remove Docker networks beside this one) and says so: that is the machine, never the page.
+        errors = [
+            entry["message"]
+            for entry in driver.get_log("browser")
+            if entry["level"] == "SEVERE" and "net::ERR_NETWORK_CHANGED" not in entry["message"]
+        ]
         assert errors == [], errors
     finally:
         driver.quit()
